@@ -1,0 +1,200 @@
+"""``dist-reid`` command line: synth, eval, extract, demo, bench, config."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+DEFAULT_DEMO_CONFIG = "configs/experiments/demo_sysu_untrained.yaml"
+
+# Errors a user can fix from the message alone: print one line, no traceback.
+USER_ERRORS: tuple[type[BaseException], ...] = (ValueError, KeyError, FileNotFoundError, OSError)
+
+
+def _config_args(parser: argparse.ArgumentParser, default: str | None = None) -> None:
+    parser.add_argument(
+        "--config", "-c", default=default, help="YAML config (with _base_ inheritance)"
+    )
+    parser.add_argument(
+        "overrides",
+        nargs="*",
+        help="dotted overrides, e.g. train.lr=3e-4 data.root=/data/SYSU-MM01",
+    )
+
+
+def _cmd_synth(args: argparse.Namespace) -> int:
+    from rich.progress import Progress
+
+    from dist_reid.data.synthetic.layouts import generate
+
+    with Progress(transient=True) as progress:
+        task = progress.add_task(f"synthetic {args.layout}", total=None)
+        summary = generate(
+            args.layout,
+            args.root,
+            args.num_ids,
+            args.seed,
+            args.images_per_camera,
+            overwrite=args.overwrite,
+            progress=lambda n: progress.advance(task, n),
+        )
+    total = sum(summary.images.values())
+    print(
+        f"wrote {total} images of {args.num_ids} identities to {summary.root} in {summary.seconds:.1f} s "
+        f"({60 * total / max(summary.seconds, 1e-9):.0f} images/min)"
+    )
+    for key, count in sorted(summary.images.items()):
+        print(f"  {key:>18}: {count:6d} images, cameras {summary.cams[key]}")
+    return 0
+
+
+def _cmd_eval(args: argparse.Namespace) -> int:
+    from dist_reid.config import load_config
+    from dist_reid.engine.evaluate import run_evaluation
+
+    cfg = load_config(args.config, args.overrides)
+    run_evaluation(
+        cfg, checkpoint=args.checkpoint, features=args.features, untrained=args.untrained
+    )
+    return 0
+
+
+def _cmd_demo(args: argparse.Namespace) -> int:
+    from dist_reid.config import load_config
+    from dist_reid.engine.evaluate import run_evaluation
+
+    cfg = load_config(args.config, args.overrides)
+    run_evaluation(cfg, untrained=True)
+    return 0
+
+
+def _cmd_extract(args: argparse.Namespace) -> int:
+    from dist_reid.builders import build_dataset, build_model
+    from dist_reid.config import load_config
+    from dist_reid.data.transforms import build_test_transform
+    from dist_reid.engine.evaluate import all_test_records, save_features
+    from dist_reid.evaluation.features import extract_features
+    from dist_reid.models.backbones import load_model_weights
+
+    cfg = load_config(args.config, args.overrides)
+    dataset = build_dataset(cfg)
+    model = build_model(cfg)
+    if args.checkpoint:
+        load_model_weights(model, args.checkpoint)
+    elif not args.untrained:
+        raise ValueError("give --checkpoint, or --untrained to extract with random weights")
+    records = all_test_records(
+        dataset,
+        cfg.eval.settings or dataset.settings,
+        cfg.eval.trials or dataset.trials,
+        multi_shot=cfg.eval.multi_shot,
+        transposed_v2i=cfg.eval.llcm_transposed_v2i,
+    )
+    feats = extract_features(
+        model,
+        records,
+        build_test_transform(cfg.data.height, cfg.data.width),
+        batch_size=cfg.eval.batch_size,
+        num_workers=cfg.data.num_workers,
+    )
+    path = save_features(args.out, dataset, records, feats)
+    print(f"wrote {feats.shape[0]} features of dimension {feats.shape[1]} to {path}")
+    return 0
+
+
+def _cmd_config(args: argparse.Namespace) -> int:
+    from dist_reid.config import load_config, to_yaml
+
+    print(to_yaml(load_config(args.config, args.overrides)), end="")
+    return 0
+
+
+def _cmd_bench(args: argparse.Namespace) -> int:
+    if args.suite == "eval":
+        from dist_reid.bench.eval_speed import main as bench_eval
+
+        return bench_eval(args.rest) or 0
+    raise ValueError(f"bench suite {args.suite!r} is not available yet")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="dist-reid", description=__doc__)
+    parser.add_argument(
+        "--verbose", "-v", action="store_true", help="debug logging and full tracebacks"
+    )
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("synth", help="write a synthetic SYSU-MM01 / RegDB / LLCM tree")
+    p.add_argument("--layout", required=True, choices=("sysu", "regdb", "llcm"))
+    p.add_argument("--root", required=True, type=Path)
+    p.add_argument("--num-ids", type=int, default=60)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument(
+        "--images-per-camera", type=int, default=None, help="mean images per (identity, camera)"
+    )
+    p.add_argument("--overwrite", action="store_true", help="replace an existing tree at --root")
+    p.set_defaults(func=_cmd_synth)
+
+    p = sub.add_parser("eval", help="run a dataset's full test protocol and print the table")
+    _config_args(p)
+    source = p.add_mutually_exclusive_group(required=True)
+    source.add_argument(
+        "--checkpoint", help="model weights file ('{trial}' expands per RegDB trial)"
+    )
+    source.add_argument(
+        "--features", help="features saved by 'dist-reid extract' ('{trial}' as above)"
+    )
+    source.add_argument(
+        "--untrained", action="store_true", help="random-init model (a sanity floor)"
+    )
+    p.set_defaults(func=_cmd_eval)
+
+    p = sub.add_parser("extract", help="save features of every test image a protocol may use")
+    _config_args(p)
+    p.add_argument("--out", required=True, type=Path)
+    p.add_argument("--checkpoint")
+    p.add_argument("--untrained", action="store_true")
+    p.set_defaults(func=_cmd_extract)
+
+    p = sub.add_parser("demo", help="the embedded default job (synthetic SYSU-MM01, CPU)")
+    _config_args(p, DEFAULT_DEMO_CONFIG)
+    p.set_defaults(func=_cmd_demo)
+
+    p = sub.add_parser("config", help="print the fully resolved config")
+    _config_args(p)
+    p.set_defaults(func=_cmd_config)
+
+    p = sub.add_parser("bench", help="benchmarks (JSON + markdown table)")
+    p.add_argument("suite", choices=("eval",))
+    p.add_argument(
+        "rest",
+        nargs=argparse.REMAINDER,
+        help="arguments of the suite (see 'dist-reid bench eval -h')",
+    )
+    p.set_defaults(func=_cmd_bench)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO,
+        format="%(levelname)s %(name)s: %(message)s",
+    )
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")  # weights come from local files only
+    try:
+        return args.func(args)
+    except USER_ERRORS as exc:
+        if args.verbose:
+            raise
+        message = exc.args[0] if isinstance(exc, KeyError) and exc.args else exc
+        print(f"dist-reid {args.command}: error: {message}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

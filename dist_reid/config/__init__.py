@@ -1,0 +1,33 @@
+"""Typed, validated configuration: YAML with ``_base_`` inheritance plus dotted overrides."""
+
+from dist_reid.config.load import build_config, config_hash, load_config, save_config, to_yaml
+from dist_reid.config.schema import (
+    DATASET_SETTINGS,
+    DATASETS,
+    ConfigError,
+    DataConfig,
+    EvalConfig,
+    ExperimentConfig,
+    ModelConfig,
+    RunConfig,
+    SyntheticConfig,
+    TrainConfig,
+)
+
+__all__ = [
+    "DATASETS",
+    "DATASET_SETTINGS",
+    "ConfigError",
+    "DataConfig",
+    "EvalConfig",
+    "ExperimentConfig",
+    "ModelConfig",
+    "RunConfig",
+    "SyntheticConfig",
+    "TrainConfig",
+    "build_config",
+    "config_hash",
+    "load_config",
+    "save_config",
+    "to_yaml",
+]

@@ -1,0 +1,1 @@
+"""Jobs that tie config, data, models and evaluation together."""

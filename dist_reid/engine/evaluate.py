@@ -1,0 +1,191 @@
+"""The evaluation job: features (from a model or a saved file) -> full protocol -> report."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+from rich.console import Console
+from rich.progress import Progress
+from rich.table import Table
+
+from dist_reid.builders import build_dataset, build_model
+from dist_reid.config import ExperimentConfig, save_config
+from dist_reid.data.datasets import VIReIDDataset
+from dist_reid.data.records import Record
+from dist_reid.data.transforms import build_test_transform
+from dist_reid.evaluation.features import FeatureCache, extract_features
+from dist_reid.evaluation.protocols import METRIC_NAMES, FeatureFn, ProtocolReport, run_protocol
+from dist_reid.models.backbones import load_model_weights
+
+log = logging.getLogger(__name__)
+
+
+def all_test_records(
+    dataset: VIReIDDataset, settings: Sequence[str], trials: Sequence[int], **options: bool
+) -> list[Record]:
+    """Every image any (setting, trial) of the protocol may use, without duplicates."""
+    seen: dict[str, Record] = {}
+    for setting in settings:
+        for trial in trials:
+            query, gallery = dataset.split(setting, trial, **options)
+            for record in (*query, *gallery):
+                seen.setdefault(record.path, record)
+    return list(seen.values())
+
+
+def model_features(cfg: ExperimentConfig, checkpoint: str | None, console: Console) -> FeatureCache:
+    model = build_model(cfg)
+    if checkpoint is not None:
+        load_model_weights(model, checkpoint)
+    transform = build_test_transform(cfg.data.height, cfg.data.width)
+    torch.set_num_threads(max(1, os.cpu_count() or 1))
+
+    def compute(records: Sequence[Record]) -> np.ndarray:
+        with Progress(console=console, transient=True) as progress:
+            task = progress.add_task(f"features of {len(records)} images", total=len(records))
+            return extract_features(
+                model,
+                records,
+                transform,
+                batch_size=cfg.eval.batch_size,
+                num_workers=cfg.data.num_workers,
+                progress=lambda n: progress.advance(task, n),
+            )
+
+    return FeatureCache(compute)
+
+
+def per_trial(source: str, open_one) -> FeatureFn:
+    """Features per trial when ``source`` has a ``{trial}`` placeholder, else one source for all."""
+    if "{trial}" not in source:
+        return open_one(source)
+    caches: dict[int, FeatureCache] = {}
+
+    def features_for(records: Sequence[Record], trial: int) -> np.ndarray:
+        if trial not in caches:
+            caches[trial] = open_one(source.format(trial=trial))
+        return caches[trial](records, trial)
+
+    return features_for
+
+
+def saved_features(path: str, dataset: VIReIDDataset) -> FeatureCache:
+    """Features saved by ``dist-reid extract``: paths stored relative to the dataset root."""
+    try:
+        with np.load(path, allow_pickle=False) as data:
+            rel, feats = data["paths"], data["features"]
+    except (OSError, KeyError, ValueError) as exc:
+        raise ValueError(
+            f"features file {path}: cannot read 'paths' and 'features': {exc}"
+        ) from None
+    return FeatureCache.from_arrays([str(dataset.root / p) for p in rel], feats)
+
+
+def save_features(
+    path: str | Path, dataset: VIReIDDataset, records: Sequence[Record], feats: np.ndarray
+) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    rel = np.array([os.path.relpath(r.path, dataset.root) for r in records])
+    tmp = path.with_name(path.name + ".tmp.npz")
+    np.savez(tmp, paths=rel, features=feats.astype(np.float32))
+    os.replace(tmp, path)
+    return path
+
+
+def render_table(report: ProtocolReport, console: Console) -> None:
+    table = Table(title=f"{report.dataset}: mean ± std over trials (%), chance = random ranking")
+    table.add_column("setting")
+    table.add_column("trials", justify="right")
+    for name in METRIC_NAMES:
+        table.add_column(name, justify="right")
+    for s in report.settings:
+        mean, std, chance = s.mean(), s.std(), s.chance_mean()
+        table.add_row(
+            s.setting, str(len(s.trials)), *[f"{mean[m]:.2f} ± {std[m]:.2f}" for m in METRIC_NAMES]
+        )
+        if chance:
+            table.add_row(
+                f"{s.setting} chance",
+                str(len(s.trials)),
+                *[f"{chance[m]:.2f}" for m in METRIC_NAMES],
+                style="dim",
+            )
+    console.print(table)
+
+
+def run_evaluation(
+    cfg: ExperimentConfig,
+    *,
+    checkpoint: str | None = None,
+    features: str | None = None,
+    untrained: bool = False,
+    console: Console | None = None,
+) -> ProtocolReport:
+    """Run the dataset's full protocol and write config, metrics JSON and table to the run dir.
+
+    Exactly one feature source: a checkpoint, a saved features file, or ``untrained`` (a model
+    with random weights, asked for explicitly: the reference silently evaluates an untrained
+    model when its checkpoint is missing, protocols.md pitfall 9).
+    """
+    # Piped output (CI logs, files) gets a table wide enough not to wrap.
+    console = console or Console(width=None if sys.stdout.isatty() else 132)
+    if sum(x is not None and x is not False for x in (checkpoint, features, untrained)) != 1:
+        raise ValueError("give exactly one of --checkpoint, --features or --untrained")
+    out_dir = Path(cfg.run.output_dir) / cfg.run.name
+    save_config(cfg, out_dir)
+    dataset = build_dataset(cfg)
+    console.print(
+        f"[bold]{dataset.name}[/] at {dataset.root}: {len(dataset.train)} training images"
+    )
+    if untrained:
+        console.print(
+            f"[yellow]untrained {cfg.model.backbone} (random init): a sanity floor, not a result[/]"
+        )
+        feature_fn = model_features(cfg, None, console)
+    else:
+        source = str(features if features is not None else checkpoint)
+
+        def one(path: str) -> FeatureCache:
+            if features is not None:
+                return saved_features(path, dataset)
+            return model_features(cfg, path, console)
+
+        feature_fn = per_trial(source, one)
+    trials = cfg.eval.trials
+    if (
+        not trials
+        and dataset.name == "regdb"
+        and not untrained
+        and "{trial}" not in str(checkpoint or features)
+    ):
+        # One RegDB model belongs to one split; scoring it on other splits' test lists leaks
+        # training identities (protocols.md pitfall 1).
+        trials = (cfg.data.trial,)
+        console.print(
+            f"[yellow]regdb: one model, so only its own trial {cfg.data.trial} is evaluated; "
+            "name per-trial models with '{trial}' in the path for all ten[/]"
+        )
+    options = {"multi_shot": cfg.eval.multi_shot, "transposed_v2i": cfg.eval.llcm_transposed_v2i}
+    report = run_protocol(
+        dataset,
+        feature_fn,
+        settings=cfg.eval.settings,
+        trials=trials,
+        max_rank=cfg.eval.max_rank,
+        chance_draws=cfg.eval.chance_draws,
+        seed=cfg.run.seed,
+        **options,
+    )
+    render_table(report, console)
+    (out_dir / "metrics.json").write_text(json.dumps(report.to_dict(), indent=2))
+    (out_dir / "metrics.md").write_text(report.to_markdown() + "\n")
+    console.print(f"wrote {out_dir / 'metrics.json'}")
+    return report

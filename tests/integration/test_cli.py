@@ -1,0 +1,170 @@
+"""The dist-reid command line end to end on tiny synthetic data."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from dist_reid.cli import main
+from dist_reid.models.backbones import PooledBackbone
+
+TINY = [
+    "model.backbone=resnet18",
+    "data.height=64",
+    "data.width=32",
+    "data.num_workers=0",
+    "eval.trials=[0,1]",
+    "eval.chance_draws=2",
+]
+
+
+@pytest.fixture(scope="module")
+def sysu_root(tmp_path_factory):
+    root = tmp_path_factory.mktemp("cli") / "SYSU-MM01"
+    assert (
+        main(
+            [
+                "synth",
+                "--layout",
+                "sysu",
+                "--root",
+                str(root),
+                "--num-ids",
+                "16",
+                "--images-per-camera",
+                "2",
+            ]
+        )
+        == 0
+    )
+    return root
+
+
+def _overrides(root, out, name):
+    return [f"data.root={root}", f"run.output_dir={out}", f"run.name={name}", *TINY]
+
+
+def test_eval_untrained_writes_config_metrics_and_chance(sysu_root, tmp_path, capsys):
+    assert (
+        main(
+            [
+                "eval",
+                "-c",
+                "configs/datasets/sysu.yaml",
+                "--untrained",
+                *_overrides(sysu_root, tmp_path, "u"),
+            ]
+        )
+        == 0
+    )
+    run = tmp_path / "u"
+    assert "root: " + str(sysu_root) in (run / "config.yaml").read_text()
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert set(metrics["settings"]) == {"all", "indoor"}
+    for entry in metrics["settings"].values():
+        assert entry["trials"] == [0, 1] and len(entry["per_trial"]) == 2
+        assert 0 <= entry["mean"]["R1"] <= entry["mean"]["R20"] <= 100
+        assert 0 < entry["chance"]["mAP"] < 100
+    assert "untrained" in capsys.readouterr().out
+
+
+def test_saved_features_give_the_same_numbers_as_the_checkpoint(sysu_root, tmp_path):
+    torch.manual_seed(0)
+    weights = tmp_path / "w.pt"
+    torch.save(PooledBackbone("resnet18").state_dict(), weights)
+    common = ["-c", "configs/datasets/sysu.yaml"]
+    assert (
+        main(
+            [
+                "eval",
+                *common,
+                "--checkpoint",
+                str(weights),
+                *_overrides(sysu_root, tmp_path, "ckpt"),
+            ]
+        )
+        == 0
+    )
+    feats = tmp_path / "f.npz"
+    assert (
+        main(
+            [
+                "extract",
+                *common,
+                "--checkpoint",
+                str(weights),
+                "--out",
+                str(feats),
+                *_overrides(sysu_root, tmp_path, "x"),
+            ]
+        )
+        == 0
+    )
+    assert (
+        main(["eval", *common, "--features", str(feats), *_overrides(sysu_root, tmp_path, "feat")])
+        == 0
+    )
+    a = json.loads((tmp_path / "ckpt" / "metrics.json").read_text())["settings"]
+    b = json.loads((tmp_path / "feat" / "metrics.json").read_text())["settings"]
+    for setting in a:
+        for row_a, row_b in zip(a[setting]["per_trial"], b[setting]["per_trial"], strict=True):
+            assert row_a == pytest.approx(row_b, abs=1e-6)
+
+
+def test_user_errors_are_one_line_with_exit_code_2(sysu_root, tmp_path, capsys):
+    assert (
+        main(
+            [
+                "eval",
+                "-c",
+                "configs/datasets/sysu.yaml",
+                "--untrained",
+                *_overrides(sysu_root, tmp_path, "e"),
+                "train.lrr=1",
+            ]
+        )
+        == 2
+    )
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "train.lrr" in err and "'lr'" in err
+    assert (
+        main(
+            [
+                "eval",
+                "-c",
+                "configs/datasets/sysu.yaml",
+                "--untrained",
+                "data.root=" + str(tmp_path / "absent"),
+            ]
+        )
+        == 2
+    )
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "absent" in err and "does not exist" in err
+    assert (
+        main(
+            [
+                "eval",
+                "-c",
+                "configs/datasets/sysu.yaml",
+                "--checkpoint",
+                str(tmp_path / "nope.pt"),
+                *_overrides(sysu_root, tmp_path, "e2"),
+            ]
+        )
+        == 2
+    )
+    assert "nope.pt" in capsys.readouterr().err
+
+
+def test_eval_needs_a_feature_source(sysu_root):
+    with pytest.raises(SystemExit) as excinfo:
+        main(["eval", "-c", "configs/datasets/sysu.yaml", f"data.root={sysu_root}"])
+    assert excinfo.value.code == 2
+
+
+def test_synth_refuses_to_overwrite(sysu_root, capsys):
+    assert main(["synth", "--layout", "sysu", "--root", str(sysu_root), "--num-ids", "4"]) == 2
+    assert "already exists" in capsys.readouterr().err

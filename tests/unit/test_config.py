@@ -1,0 +1,96 @@
+"""Config loading: inheritance, overrides, one clear error per mistake, frozen result, dump."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import pytest
+
+from dist_reid.config import ConfigError, load_config, save_config
+
+CONFIGS = Path(__file__).resolve().parents[2] / "configs"
+
+
+def _write(path: Path, text: str) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text)
+    return path
+
+
+def test_every_shipped_config_loads():
+    shipped = sorted(
+        p
+        for p in CONFIGS.rglob("*.yaml")
+        if "base" in p.parts or "datasets" in p.parts or "experiments" in p.parts
+    )
+    assert shipped
+    for path in shipped:
+        overrides = ["data.root=/tmp/x"] if "base" in path.parts else []
+        cfg = load_config(path, overrides)
+        assert cfg.data.root
+
+
+def test_base_chain_and_dotted_overrides(tmp_path):
+    _write(tmp_path / "base.yaml", "train:\n  lr: 0.5\n  epochs: 3\ndata:\n  root: /a\n")
+    _write(tmp_path / "mid/child.yaml", "_base_: ../base.yaml\ntrain:\n  epochs: 7\n")
+    cfg = load_config(
+        tmp_path / "mid/child.yaml",
+        ["train.lr=3e-4", "data.root=/data/SYSU-MM01", "eval.trials=[0,2]"],
+    )
+    assert cfg.train.lr == pytest.approx(3e-4) and cfg.train.epochs == 7
+    assert cfg.data.root == "/data/SYSU-MM01" and cfg.eval.trials == (0, 2)
+
+
+def test_unknown_key_names_it_and_suggests(tmp_path):
+    path = _write(tmp_path / "c.yaml", "data:\n  root: /a\ntrain:\n  lrr: 0.1\n")
+    with pytest.raises(ConfigError, match=r"c\.yaml: train\.lrr: .*Did you mean: 'lr'"):
+        load_config(path)
+    with pytest.raises(ConfigError, match=r"overrides: data\.rot: .*'root'"):
+        load_config(None, ["data.rot=/x"])
+
+
+def test_wrong_type_names_the_key():
+    with pytest.raises(ConfigError, match=r"train\.epochs: .*'many'"):
+        load_config(None, ["data.root=/x", "train.epochs=many"])
+
+
+def test_missing_required_value_is_named():
+    with pytest.raises(ConfigError, match=r"missing required value\(s\): data\.root"):
+        load_config(None, [])
+
+
+def test_value_checks_name_the_key():
+    with pytest.raises(ConfigError, match=r"data\.dataset: must be one of"):
+        load_config(None, ["data.root=/x", "data.dataset=market"])
+    with pytest.raises(ConfigError, match=r"eval\.settings: 'v2t' is not a setting of 'sysu'"):
+        load_config(None, ["data.root=/x", "eval.settings=[v2t]"])
+    with pytest.raises(ConfigError, match=r"train\.lr: must be > 0"):
+        load_config(None, ["data.root=/x", "train.lr=0"])
+
+
+def test_base_cycle_and_missing_base_are_clear(tmp_path):
+    _write(tmp_path / "a.yaml", "_base_: b.yaml\n")
+    _write(tmp_path / "b.yaml", "_base_: a.yaml\n")
+    with pytest.raises(ConfigError, match="cycle"):
+        load_config(tmp_path / "a.yaml")
+    _write(tmp_path / "c.yaml", "_base_: nothere.yaml\n")
+    with pytest.raises(ConfigError, match=r"nothere\.yaml .*named in .*c\.yaml"):
+        load_config(tmp_path / "c.yaml")
+
+
+def test_malformed_override_and_yaml(tmp_path):
+    with pytest.raises(ConfigError, match=r"expected dotted\.key=value"):
+        load_config(None, ["train.lr"])
+    path = _write(tmp_path / "bad.yaml", "data: [unclosed\n")
+    with pytest.raises(ConfigError, match=r"bad\.yaml: not valid YAML"):
+        load_config(path)
+
+
+def test_config_is_frozen_and_round_trips(tmp_path):
+    cfg = load_config(CONFIGS / "experiments/demo_sysu_untrained.yaml", ["train.lr=0.02"])
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        cfg.train.lr = 1.0  # type: ignore[misc]
+    written = save_config(cfg, tmp_path / "run")
+    assert written.name == "config.yaml"
+    assert load_config(written) == cfg
