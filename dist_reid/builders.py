@@ -2,21 +2,24 @@
 
 from __future__ import annotations
 
+import inspect
 import logging
 from pathlib import Path
 
 from torch import nn
 
-from dist_reid.config.schema import ExperimentConfig
+from dist_reid.config.schema import ConfigError, ExperimentConfig
+from dist_reid.data.augment import AugmentOptions
 from dist_reid.data.datasets import VIReIDDataset, open_dataset
 from dist_reid.data.synthetic.layouts import generate
-from dist_reid.models.backbones import PooledBackbone
+from dist_reid.losses import LOSSES
+from dist_reid.models import MODELS
 
 log = logging.getLogger(__name__)
 
 
-def build_dataset(cfg: ExperimentConfig) -> VIReIDDataset:
-    """Open ``data.root``; with ``data.synthetic.enabled`` generate it first if it is absent."""
+def ensure_synthetic(cfg: ExperimentConfig) -> None:
+    """Generate the synthetic tree at ``data.root`` when asked for and absent (call on one rank)."""
     root = Path(cfg.data.root)
     synth = cfg.data.synthetic
     if synth.enabled and not root.exists():
@@ -31,10 +34,60 @@ def build_dataset(cfg: ExperimentConfig) -> VIReIDDataset:
             cfg.data.dataset, root, synth.num_ids, synth.seed, synth.images_per_camera
         )
         log.info("wrote %s images in %.1f s", sum(summary.images.values()), summary.seconds)
+
+
+def build_dataset(cfg: ExperimentConfig, *, generate_missing: bool = True) -> VIReIDDataset:
+    """Open ``data.root``; with ``data.synthetic.enabled`` generate it first if it is absent."""
+    if generate_missing:
+        ensure_synthetic(cfg)
     options = {"trial": cfg.data.trial} if cfg.data.dataset == "regdb" else {}
-    return open_dataset(cfg.data.dataset, root, **options)
+    return open_dataset(cfg.data.dataset, Path(cfg.data.root), **options)
 
 
-def build_model(cfg: ExperimentConfig) -> nn.Module:
-    """The embedding model named by the config (the training engine adds method models)."""
-    return PooledBackbone(cfg.model.backbone, cfg.model.pretrained)
+def _call(factory, section: str, kwargs: dict):
+    """Call a registered factory; an option it does not take is a config error naming the key."""
+    accepted = inspect.signature(factory).parameters
+    if not any(p.kind is inspect.Parameter.VAR_KEYWORD for p in accepted.values()):
+        for key in kwargs:
+            if key not in accepted:
+                raise ConfigError(
+                    f"{section}.options.{key}: {factory.__name__} takes no such option "
+                    f"(it takes: {', '.join(k for k in accepted if k != 'self')})"
+                )
+    return factory(**kwargs)
+
+
+def build_model(cfg: ExperimentConfig, num_classes: int | None = None) -> nn.Module:
+    """The model named by ``model.name`` with its options (``num_classes`` for trained heads)."""
+    try:
+        factory = MODELS.get(cfg.model.name)
+    except KeyError as exc:
+        raise ConfigError(f"model.name: {exc.args[0]}") from None
+    kwargs = {
+        "backbone": cfg.model.backbone,
+        "pretrained": cfg.model.pretrained,
+        **cfg.model.options,
+    }
+    if "num_classes" in inspect.signature(factory).parameters:
+        if num_classes is None:
+            raise ValueError(f"model {cfg.model.name!r} needs the number of training identities")
+        kwargs["num_classes"] = num_classes
+    return _call(factory, "model", kwargs)
+
+
+def build_loss(cfg: ExperimentConfig) -> nn.Module:
+    try:
+        factory = LOSSES.get(cfg.loss.name)
+    except KeyError as exc:
+        raise ConfigError(f"loss.name: {exc.args[0]}") from None
+    kwargs = dict(cfg.loss.options)
+    if "kernels" in inspect.signature(factory).parameters:
+        kwargs.setdefault("kernels", cfg.train.kernels)
+    return _call(factory, "loss", kwargs)
+
+
+def augment_options(cfg: ExperimentConfig) -> AugmentOptions:
+    a = cfg.data.augment
+    return AugmentOptions(
+        pad=a.pad, flip=a.flip, random_erasing=a.random_erasing, channel_aug=a.channel_aug
+    )

@@ -9,10 +9,10 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-DEFAULT_DEMO_CONFIG = "configs/experiments/demo_sysu_untrained.yaml"
+DEFAULT_DEMO_CONFIG = "configs/experiments/demo_sysu_agw.yaml"
 
 # Errors a user can fix from the message alone: print one line, no traceback.
-USER_ERRORS: tuple[type[BaseException], ...] = (ValueError, KeyError, FileNotFoundError, OSError)
+USER_ERRORS: tuple[type[BaseException], ...] = (ValueError, KeyError, OSError, RuntimeError)
 
 
 def _config_args(parser: argparse.ArgumentParser, default: str | None = None) -> None:
@@ -63,12 +63,46 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_train(args: argparse.Namespace) -> int:
+    from dist_reid.engine.run import train_main
+
+    resume = ["--resume", args.resume] if args.resume else []
+    return train_main(["--config", args.config, *resume, *args.overrides])
+
+
 def _cmd_demo(args: argparse.Namespace) -> int:
+    """Generate the data once, train on N local processes (torchrun), then score the last epoch
+    on the full protocol beside the chance level."""
+    import subprocess
+
+    from dist_reid.builders import ensure_synthetic
     from dist_reid.config import load_config
     from dist_reid.engine.evaluate import run_evaluation
 
     cfg = load_config(args.config, args.overrides)
-    run_evaluation(cfg, untrained=True)
+    ensure_synthetic(cfg)
+    if cfg.train.epochs == 0:
+        run_evaluation(cfg, untrained=True)
+        return 0
+    env = {**os.environ, "OMP_NUM_THREADS": str(max(1, (os.cpu_count() or 1) // args.processes))}
+    command = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node",
+        str(args.processes),
+        "-m",
+        "dist_reid.engine.run",
+        "--config",
+        args.config,
+        *args.overrides,
+    ]
+    print("running:", " ".join(command))
+    if subprocess.run(command, env=env).returncode != 0:
+        raise RuntimeError("demo training failed (see the log above)")
+    run_dir = Path(cfg.run.output_dir) / cfg.run.name
+    run_evaluation(cfg, checkpoint=str(run_dir / "last.pt"))
     return 0
 
 
@@ -82,7 +116,7 @@ def _cmd_extract(args: argparse.Namespace) -> int:
 
     cfg = load_config(args.config, args.overrides)
     dataset = build_dataset(cfg)
-    model = build_model(cfg)
+    model = build_model(cfg, dataset.num_train_ids)
     if args.checkpoint:
         load_model_weights(model, args.checkpoint)
     elif not args.untrained:
@@ -100,6 +134,7 @@ def _cmd_extract(args: argparse.Namespace) -> int:
         build_test_transform(cfg.data.height, cfg.data.width),
         batch_size=cfg.eval.batch_size,
         num_workers=cfg.data.num_workers,
+        flip=cfg.eval.flip,
     )
     path = save_features(args.out, dataset, records, feats)
     print(f"wrote {feats.shape[0]} features of dimension {feats.shape[1]} to {path}")
@@ -115,10 +150,10 @@ def _cmd_config(args: argparse.Namespace) -> int:
 
 def _cmd_bench(args: argparse.Namespace) -> int:
     if args.suite == "eval":
-        from dist_reid.bench.eval_speed import main as bench_eval
-
-        return bench_eval(args.rest) or 0
-    raise ValueError(f"bench suite {args.suite!r} is not available yet")
+        from dist_reid.bench.eval_speed import main as suite
+    else:
+        from dist_reid.bench.kernels import main as suite
+    return suite(args.rest) or 0
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -160,8 +195,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--untrained", action="store_true")
     p.set_defaults(func=_cmd_extract)
 
-    p = sub.add_parser("demo", help="the embedded default job (synthetic SYSU-MM01, CPU)")
+    p = sub.add_parser("train", help="train one process (or one rank under a launcher)")
+    _config_args(p)
+    p.add_argument(
+        "--resume", nargs="?", const="auto", help="checkpoint, or no value for <run>/last.pt"
+    )
+    p.set_defaults(func=_cmd_train)
+
+    p = sub.add_parser(
+        "demo", help="the embedded default job: synthetic SYSU-MM01, AGW on 2 CPU processes"
+    )
     _config_args(p, DEFAULT_DEMO_CONFIG)
+    p.add_argument("--processes", type=int, default=2, help="local training processes")
     p.set_defaults(func=_cmd_demo)
 
     p = sub.add_parser("config", help="print the fully resolved config")
@@ -169,7 +214,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_cmd_config)
 
     p = sub.add_parser("bench", help="benchmarks (JSON + markdown table)")
-    p.add_argument("suite", choices=("eval",))
+    p.add_argument("suite", choices=("eval", "kernels"))
     p.add_argument(
         "rest",
         nargs=argparse.REMAINDER,

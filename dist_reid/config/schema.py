@@ -8,6 +8,7 @@ builders map these onto keyword arguments. Value checks live in ``__post_init__`
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 from omegaconf import MISSING
 
@@ -56,6 +57,22 @@ class SyntheticConfig:
 
 
 @dataclass(frozen=True)
+class AugmentConfig:
+    """Training augmentation (protocols.md section 6); AGW's recipe is pad + crop + flip."""
+
+    pad: int = 10
+    flip: bool = True
+    random_erasing: float = 0.0
+    channel_aug: bool = False
+
+    def __post_init__(self) -> None:
+        _require(self.pad >= 0, "data.augment.pad", f"must be >= 0, got {self.pad}")
+        _require(
+            0 <= self.random_erasing <= 1, "data.augment.random_erasing", "must be a probability"
+        )
+
+
+@dataclass(frozen=True)
 class DataConfig:
     dataset: str = "sysu"
     root: str = MISSING
@@ -63,6 +80,8 @@ class DataConfig:
     width: int = 144
     num_workers: int = 2
     trial: int = 1  # RegDB: which of the 10 splits (1..10) trains and evaluates a model
+    pipeline: str = "torch"
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
     synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)
 
     def __post_init__(self) -> None:
@@ -74,15 +93,53 @@ class DataConfig:
         _require(self.height > 0 and self.width > 0, "data.height/data.width", "must be positive")
         _require(self.num_workers >= 0, "data.num_workers", "must be >= 0")
         _require(1 <= self.trial <= 10, "data.trial", f"must be in 1..10, got {self.trial}")
+        _require(
+            self.pipeline in ("torch",), "data.pipeline", f"must be 'torch', got {self.pipeline!r}"
+        )
 
 
 @dataclass(frozen=True)
 class ModelConfig:
+    name: str = "backbone"  # a registered model: "backbone" (evaluation only), "agw", ...
     backbone: str = "resnet50"
     pretrained: str | None = None  # a local weights file; None = random init (never a hub download)
+    options: dict[str, Any] = field(default_factory=dict)  # the method's own keyword arguments
 
     def __post_init__(self) -> None:
         _require(bool(self.backbone), "model.backbone", "must name a backbone")
+
+
+@dataclass(frozen=True)
+class LossConfig:
+    name: str = "agw"  # a registered loss
+    options: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class OptimConfig:
+    name: str = "sgd"
+    momentum: float = 0.9
+    nesterov: bool = True
+    lr_mults: dict[str, float] = field(
+        default_factory=dict
+    )  # per model lr group, e.g. {backbone: 0.1}
+    grad_clip: float | None = None
+    warmup_epochs: int = 10  # linear warm-up lr*(e+1)/warmup
+    milestones: tuple[int, ...] = (20, 50)
+    gamma: float = 0.1
+
+    def __post_init__(self) -> None:
+        _require(
+            self.name in ("sgd", "adamw"),
+            "optim.name",
+            f"must be 'sgd' or 'adamw', got {self.name!r}",
+        )
+        _require(self.warmup_epochs >= 0, "optim.warmup_epochs", "must be >= 0")
+        _require(
+            list(self.milestones) == sorted(self.milestones),
+            "optim.milestones",
+            "must be ascending",
+        )
 
 
 @dataclass(frozen=True)
@@ -92,11 +149,43 @@ class TrainConfig:
     epochs: int = 81
     lr: float = 0.1
     weight_decay: float = 5e-4
-    ids_per_batch: int = 8
-    instances_per_modality: int = 4
+    ids_per_batch: int = 8  # P, global over all ranks
+    instances_per_modality: int = 4  # K
+    backend: str = "accelerate"
+    mixed_precision: str = "no"  # no | bf16 | fp16
+    grad_accum: int = 1
+    channels_last: bool = False
+    compile: bool = False
+    kernels: str = "auto"  # reid_kernels backend: auto | triton | torch
+    eval_every: int = 10  # epochs; the last epoch is always evaluated
+    log_every: int = 10  # steps
+    max_steps: int = 0  # stop (and checkpoint) after this many optimiser steps; 0 = no cap
+    checkpoint_every_steps: int = 0  # extra mid-epoch checkpoints; 0 = at epoch ends only
+    tensorboard: bool = True
 
     def __post_init__(self) -> None:
         _require(self.epochs >= 0, "train.epochs", f"must be >= 0, got {self.epochs}")
+        _require(
+            self.backend in ("accelerate",),
+            "train.backend",
+            f"must be 'accelerate', got {self.backend!r}",
+        )
+        _require(
+            self.mixed_precision in ("no", "bf16", "fp16"),
+            "train.mixed_precision",
+            f"must be no|bf16|fp16, got {self.mixed_precision!r}",
+        )
+        _require(
+            self.kernels in ("auto", "triton", "torch"),
+            "train.kernels",
+            f"must be auto|triton|torch, got {self.kernels!r}",
+        )
+        _require(self.grad_accum >= 1, "train.grad_accum", "must be >= 1")
+        _require(
+            self.eval_every >= 0 and self.max_steps >= 0,
+            "train.eval_every/train.max_steps",
+            "must be >= 0",
+        )
         _require(self.lr > 0, "train.lr", f"must be > 0, got {self.lr}")
         _require(self.ids_per_batch >= 1, "train.ids_per_batch", "must be >= 1")
         _require(self.instances_per_modality >= 1, "train.instances_per_modality", "must be >= 1")
@@ -108,6 +197,7 @@ class EvalConfig:
     trials: tuple[int, ...] = ()  # empty = the protocol's ten trials
     max_rank: int = 20
     batch_size: int = 64
+    flip: bool = False  # average each test embedding with its mirror's (CAJ/DEEN/PDM test-time aug)
     multi_shot: bool = False  # SYSU-MM01/LLCM: 10 gallery images per (id, camera) instead of 1
     llcm_transposed_v2i: bool = False  # DEEN's transposed VIS->IR variant (protocols.md 3.2)
     chance_draws: int = 5  # random-feature rankings averaged for the chance column
@@ -123,6 +213,8 @@ class ExperimentConfig:
     run: RunConfig = field(default_factory=RunConfig)
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
 

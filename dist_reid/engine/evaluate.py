@@ -40,8 +40,10 @@ def all_test_records(
     return list(seen.values())
 
 
-def model_features(cfg: ExperimentConfig, checkpoint: str | None, console: Console) -> FeatureCache:
-    model = build_model(cfg)
+def model_features(
+    cfg: ExperimentConfig, checkpoint: str | None, console: Console, num_classes: int
+) -> FeatureCache:
+    model = build_model(cfg, num_classes)
     if checkpoint is not None:
         load_model_weights(model, checkpoint)
     transform = build_test_transform(cfg.data.height, cfg.data.width)
@@ -56,6 +58,7 @@ def model_features(cfg: ExperimentConfig, checkpoint: str | None, console: Conso
                 transform,
                 batch_size=cfg.eval.batch_size,
                 num_workers=cfg.data.num_workers,
+                flip=cfg.eval.flip,
                 progress=lambda n: progress.advance(task, n),
             )
 
@@ -149,14 +152,14 @@ def run_evaluation(
         console.print(
             f"[yellow]untrained {cfg.model.backbone} (random init): a sanity floor, not a result[/]"
         )
-        feature_fn = model_features(cfg, None, console)
+        feature_fn = model_features(cfg, None, console, dataset.num_train_ids)
     else:
         source = str(features if features is not None else checkpoint)
 
         def one(path: str) -> FeatureCache:
             if features is not None:
                 return saved_features(path, dataset)
-            return model_features(cfg, path, console)
+            return model_features(cfg, path, console, dataset.num_train_ids)
 
         feature_fn = per_trial(source, one)
     trials = cfg.eval.trials

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable, Sequence
 
 import numpy as np
@@ -25,12 +26,14 @@ def extract_features(
     flip: bool = False,
     progress: Callable[[int], None] | None = None,
 ) -> np.ndarray:
-    """(len(records), D) float32 features from ``model.embed(images, modality)``.
+    """(len(records), D) float32 features from ``model.embed(images, modality[, cams=...])``.
 
-    Records are batched per modality because two-stream models pick their stem by modality.
+    Records are batched per modality because two-stream models pick their stem by modality; a
+    model whose ``embed`` takes ``cams`` (camera embeddings, e.g. MIP) gets the records' cameras.
     ``flip`` averages the embedding of each image and its mirror (CAJ/DEEN test-time aug).
     """
     model.eval()
+    wants_cams = "cams" in inspect.signature(model.embed).parameters
     out: np.ndarray | None = None
     for modality in MODALITIES:
         positions = [i for i, r in enumerate(records) if r.modality == modality]
@@ -44,9 +47,13 @@ def extract_features(
         )
         for images, local in loader:
             images = images.to(device)
-            feats = model.embed(images, modality)
+            extra = {}
+            if wants_cams:
+                cams = [records[positions[i]].cam for i in local.tolist()]
+                extra["cams"] = torch.tensor(cams, device=device)
+            feats = model.embed(images, modality, **extra)
             if flip:
-                feats = 0.5 * (feats + model.embed(torch.flip(images, dims=[3]), modality))
+                feats = 0.5 * (feats + model.embed(torch.flip(images, dims=[3]), modality, **extra))
             feats = feats.float().cpu().numpy()
             if out is None:
                 out = np.zeros((len(records), feats.shape[1]), dtype=np.float32)

@@ -1,0 +1,68 @@
+"""Training augmentation (protocols.md section 6) as torchvision v2 pipelines."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torchvision.transforms import InterpolationMode
+from torchvision.transforms import v2
+
+from dist_reid.data.transforms import IMAGENET_MEAN, IMAGENET_STD
+
+# ITU-R 601 luma, the weights CAJ uses for its grayscale branch
+LUMA = (0.2989, 0.5870, 0.1140)
+
+
+class ChannelAugment(torch.nn.Module):
+    """CAJ's channel augmentation on a normalised CHW tensor.
+
+    Visible: with probability ``p`` every channel is replaced by one randomly chosen channel.
+    Infrared: with probability 3/4 one random channel is replicated, else with probability 1/2
+    the image becomes luminance gray. (CAJ applies the visible op to an extra copy of the batch;
+    here it is a per-image switch.)
+    """
+
+    def __init__(self, modality: str, p: float = 0.5) -> None:
+        super().__init__()
+        self.modality = modality
+        self.p = p
+
+    def forward(self, image: torch.Tensor) -> torch.Tensor:
+        if self.modality == "visible":
+            if torch.rand(()) < self.p:
+                channel = int(torch.randint(3, ()))
+                return image[channel : channel + 1].expand_as(image).clone()
+            return image
+        if torch.rand(()) < 0.75:
+            channel = int(torch.randint(3, ()))
+            return image[channel : channel + 1].expand_as(image).clone()
+        if torch.rand(()) < 0.5:
+            gray = sum(w * image[c] for c, w in enumerate(LUMA))
+            return gray.unsqueeze(0).expand_as(image).clone()
+        return image
+
+
+@dataclass(frozen=True)
+class AugmentOptions:
+    pad: int = 10
+    flip: bool = True
+    random_erasing: float = 0.0  # probability; 0 = off (AGW's train.py has none)
+    erasing_scale: tuple[float, float] = (0.02, 0.4)
+    channel_aug: bool = False  # CAJ
+
+
+def build_train_transform(height: int, width: int, modality: str, options: AugmentOptions) -> v2.Compose:
+    """PIL image -> augmented normalised tensor: Lanczos resize, pad + random crop, flip,
+    normalise, then (optional) channel augmentation and random erasing on the normalised tensor."""
+    steps: list[torch.nn.Module] = [v2.Resize((height, width), interpolation=InterpolationMode.LANCZOS)]
+    if options.pad:
+        steps += [v2.Pad(options.pad, fill=0), v2.RandomCrop((height, width))]
+    if options.flip:
+        steps.append(v2.RandomHorizontalFlip())
+    steps += [v2.ToImage(), v2.ToDtype(torch.float32, scale=True), v2.Normalize(IMAGENET_MEAN, IMAGENET_STD)]
+    if options.channel_aug:
+        steps.append(ChannelAugment(modality))
+    if options.random_erasing > 0:
+        steps.append(v2.RandomErasing(p=options.random_erasing, scale=options.erasing_scale, ratio=(0.3, 3.3), value=0))
+    return v2.Compose(steps)

@@ -1,0 +1,169 @@
+"""Training backends behind one small interface (architecture decision 1).
+
+The loop calls ``prepare / accumulate / autocast / backward / clip / step / state_dict /
+load_state_dict`` and the collective helpers; it never asks which backend it has.
+"""
+
+from __future__ import annotations
+
+import abc
+import contextlib
+import os
+from collections.abc import Iterator
+from typing import Any
+
+import torch
+from torch import nn
+
+
+class TrainingBackend(abc.ABC):
+    name: str
+    rank: int
+    world_size: int
+    device: torch.device
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @abc.abstractmethod
+    def prepare(
+        self, model: nn.Module, optimizer: torch.optim.Optimizer
+    ) -> tuple[nn.Module, torch.optim.Optimizer]: ...
+
+    @abc.abstractmethod
+    def accumulate(self, model: nn.Module) -> contextlib.AbstractContextManager: ...
+
+    @abc.abstractmethod
+    def autocast(self) -> contextlib.AbstractContextManager: ...
+
+    @abc.abstractmethod
+    def backward(self, loss: torch.Tensor) -> None: ...
+
+    @abc.abstractmethod
+    def clip(self, model: nn.Module, max_norm: float) -> None: ...
+
+    @abc.abstractmethod
+    def step(self, optimizer: torch.optim.Optimizer) -> bool:
+        """Apply the update if this micro-step closes an accumulation window; True if it did."""
+
+    @abc.abstractmethod
+    def unwrap(self, model: nn.Module) -> nn.Module: ...
+
+    def state_dict(self) -> dict[str, Any]:
+        return {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        del state
+
+    @abc.abstractmethod
+    def all_gather_object(self, obj: Any) -> list[Any]: ...
+
+    @abc.abstractmethod
+    def broadcast_object(self, obj: Any) -> Any: ...
+
+    @abc.abstractmethod
+    def barrier(self) -> None: ...
+
+    def sync_buffers(self, model: nn.Module) -> None:
+        """Give every rank rank 0's buffers (BN running statistics drift apart per rank after the
+        last step): evaluation shards and the saved checkpoint then use one model."""
+        if self.world_size == 1:
+            return
+        for buffer in self.unwrap(model).buffers():
+            torch.distributed.broadcast(buffer, src=0)
+
+
+class AccelerateBackend(TrainingBackend):
+    """DDP (gloo on CPU, NCCL on GPU), autocast bf16/fp16 with a grad scaler, accumulation.
+
+    Without CUDA the Accelerator must be built with ``cpu=True``: otherwise two launched
+    processes each run world size 1 and silently train apart (stack.md section 2), which the
+    world-size check below turns into an error.
+    """
+
+    name = "accelerate"
+
+    def __init__(self, mixed_precision: str = "no", grad_accum: int = 1) -> None:
+        from accelerate import Accelerator
+
+        self.accelerator = Accelerator(
+            cpu=not torch.cuda.is_available(),
+            mixed_precision=mixed_precision,
+            gradient_accumulation_steps=grad_accum,
+            step_scheduler_with_optimizer=False,
+        )
+        expected = int(os.environ.get("WORLD_SIZE", "1"))
+        if self.accelerator.num_processes != expected:
+            raise RuntimeError(
+                f"accelerate sees {self.accelerator.num_processes} process(es) but WORLD_SIZE={expected}: "
+                "the processes would train apart"
+            )
+        self.rank = self.accelerator.process_index
+        self.world_size = self.accelerator.num_processes
+        self.device = self.accelerator.device
+
+    def prepare(self, model, optimizer):
+        return self.accelerator.prepare(model, optimizer)
+
+    def accumulate(self, model):
+        return self.accelerator.accumulate(model)
+
+    def autocast(self):
+        return self.accelerator.autocast()
+
+    def backward(self, loss):
+        self.accelerator.backward(loss)
+
+    def clip(self, model, max_norm):
+        if self.accelerator.sync_gradients:
+            self.accelerator.clip_grad_norm_(model.parameters(), max_norm)
+
+    def step(self, optimizer):
+        optimizer.step()  # the prepared optimizer skips steps inside an accumulation window
+        optimizer.zero_grad(set_to_none=True)
+        return self.accelerator.sync_gradients
+
+    def unwrap(self, model):
+        return self.accelerator.unwrap_model(model)
+
+    def state_dict(self):
+        scaler = self.accelerator.scaler
+        return {"scaler": scaler.state_dict()} if scaler is not None else {}
+
+    def load_state_dict(self, state):
+        if "scaler" in state and self.accelerator.scaler is not None:
+            self.accelerator.scaler.load_state_dict(state["scaler"])
+
+    def all_gather_object(self, obj):
+        if self.world_size == 1:
+            return [obj]
+        out: list[Any] = [None] * self.world_size
+        torch.distributed.all_gather_object(out, obj)
+        return out
+
+    def broadcast_object(self, obj):
+        if self.world_size == 1:
+            return obj
+        box = [obj if self.is_main else None]
+        torch.distributed.broadcast_object_list(box, src=0)
+        return box[0]
+
+    def barrier(self):
+        self.accelerator.wait_for_everyone()
+
+
+def create_backend(name: str, **kwargs: Any) -> TrainingBackend:
+    if name == "accelerate":
+        return AccelerateBackend(**kwargs)
+    raise ValueError(f"train.backend: unknown backend {name!r}")
+
+
+@contextlib.contextmanager
+def main_process_first(backend: TrainingBackend) -> Iterator[None]:
+    """Rank 0 runs the block first (e.g. writes a dataset), the others after it finished."""
+    if not backend.is_main:
+        backend.barrier()
+    yield
+    if backend.is_main:
+        backend.barrier()

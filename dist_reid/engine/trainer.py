@@ -1,0 +1,354 @@
+"""The one training loop: sampler plan -> pipeline -> model (autocast) -> fp32 losses ->
+backend backward/step -> hooks (lr, logging, NaN guard, evaluation, checkpoints)."""
+
+from __future__ import annotations
+
+import inspect
+import json
+import logging
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+from tqdm import tqdm
+
+from dist_reid.builders import augment_options, build_dataset, build_loss, build_model
+from dist_reid.config import ConfigError, ExperimentConfig, config_hash, save_config
+from dist_reid.data.pipeline import TorchTrainPipeline
+from dist_reid.data.records import Record
+from dist_reid.data.sampler import ModalityBalancedSampler
+from dist_reid.data.transforms import build_test_transform
+from dist_reid.engine.backends import TrainingBackend, create_backend, main_process_first
+from dist_reid.engine.checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
+from dist_reid.engine.evaluate import all_test_records
+from dist_reid.evaluation.features import FeatureCache, extract_features
+from dist_reid.evaluation.protocols import run_protocol
+
+log = logging.getLogger(__name__)
+SELECTION_METRIC = "mAP"
+
+
+def lr_factor(epoch: int, warmup_epochs: int, milestones: tuple[int, ...], gamma: float) -> float:
+    """AGW's per-epoch schedule: linear warm-up ``(e+1)/warmup``, then ``gamma`` per milestone."""
+    if epoch < warmup_epochs:
+        return (epoch + 1) / warmup_epochs
+    return gamma ** sum(epoch >= m for m in milestones)
+
+
+class NonFiniteLossError(FloatingPointError):
+    """A loss term became NaN or inf; the message names the term, epoch and step."""
+
+
+class Trainer:
+    def __init__(self, cfg: ExperimentConfig, backend: TrainingBackend | None = None) -> None:
+        self.cfg = cfg
+        t = cfg.train
+        self.backend = backend or create_backend(
+            t.backend, mixed_precision=t.mixed_precision, grad_accum=t.grad_accum
+        )
+        b = self.backend
+        torch.manual_seed(cfg.run.seed)  # identical initial weights on every rank
+        self.run_dir = Path(cfg.run.output_dir) / cfg.run.name
+        with main_process_first(b):
+            self.dataset = build_dataset(cfg, generate_missing=b.is_main)
+        if b.is_main:
+            save_config(cfg, self.run_dir)
+        self.labels = self.dataset.train_labels()
+        records = self.dataset.train
+        self.sampler = ModalityBalancedSampler(
+            [r.pid for r in records],
+            [r.modality for r in records],
+            t.ids_per_batch,
+            t.instances_per_modality,
+            num_replicas=b.world_size,
+            rank=b.rank,
+            seed=cfg.run.seed,
+        )
+        self.pipeline = TorchTrainPipeline(
+            records,
+            self.labels,
+            self.sampler,
+            height=cfg.data.height,
+            width=cfg.data.width,
+            augment=augment_options(cfg),
+            num_workers=cfg.data.num_workers,
+            pin_memory=torch.cuda.is_available(),
+            seed=cfg.run.seed,
+        )
+        model = build_model(cfg, num_classes=len(self.labels))
+        if t.channels_last:
+            model = model.to(memory_format=torch.channels_last)
+        optimizer = self._optimizer(model)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            optimizer,
+            lambda e: lr_factor(e, cfg.optim.warmup_epochs, cfg.optim.milestones, cfg.optim.gamma),
+        )
+        self.model, self.optimizer = b.prepare(model, optimizer)
+        self.forward = torch.compile(self.model) if t.compile else self.model
+        # Batch fields a model may ask for by naming them in forward() (e.g. MIP's cameras).
+        accepted = inspect.signature(self.backend.unwrap(self.model).forward).parameters
+        self.batch_extras = [name for name in ("cams",) if name in accepted]
+        self.loss = build_loss(cfg)
+        self.epoch = 0
+        self.cursor = 0  # optimiser steps done inside the current epoch
+        self.global_step = 0
+        self.history: list[dict[str, Any]] = []
+        self.writer = None
+        if b.is_main and t.tensorboard:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.writer = SummaryWriter(str(self.run_dir / "tensorboard"))
+        self._test_records: list[Record] | None = None
+
+    # -- setup -----------------------------------------------------------------------------
+    def _optimizer(self, model: nn.Module) -> torch.optim.Optimizer:
+        """One optimiser group per model lr group (``model.lr_groups()``: name -> (params,
+        multiplier)), multipliers overridable by ``optim.lr_mults``; frozen parameters skipped."""
+        cfg, o = self.cfg, self.cfg.optim
+        named = (
+            model.lr_groups()
+            if hasattr(model, "lr_groups")
+            else {"all": (list(model.parameters()), 1.0)}
+        )
+        unknown = set(o.lr_mults) - set(named)
+        if unknown:
+            raise ConfigError(
+                f"optim.lr_mults: no parameter group {sorted(unknown)}; the model has {sorted(named)}"
+            )
+        groups = [
+            {
+                "name": name,
+                "params": [p for p in params if p.requires_grad],
+                "lr": cfg.train.lr * o.lr_mults.get(name, mult),
+            }
+            for name, (params, mult) in named.items()
+        ]
+        if o.name == "sgd":
+            return torch.optim.SGD(
+                groups,
+                lr=cfg.train.lr,
+                momentum=o.momentum,
+                nesterov=o.nesterov,
+                weight_decay=cfg.train.weight_decay,
+            )
+        return torch.optim.AdamW(groups, lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
+
+    # -- state -----------------------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "model": self.backend.unwrap(self.model).state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "backend": self.backend.state_dict(),
+            "progress": {
+                "epoch": self.epoch,
+                "cursor": self.cursor,
+                "global_step": self.global_step,
+            },
+            "rng": self.backend.all_gather_object(rng_state()),
+            "history": json.dumps(self.history),
+            "config_hash": config_hash(self.cfg),
+            "world_size": self.backend.world_size,
+        }
+
+    def save(self, name: str) -> Path | None:
+        state = self.state_dict()  # collective (RNG gather): every rank calls it
+        path = None
+        if self.backend.is_main:
+            path = save_checkpoint(state, self.run_dir / name)
+        self.backend.barrier()
+        return path
+
+    def load(self, path: str | Path) -> None:
+        state = load_checkpoint(path)
+        if state["config_hash"] != config_hash(self.cfg):
+            log.warning(
+                "resuming %s with a different config (hash %s, now %s)",
+                path,
+                state["config_hash"],
+                config_hash(self.cfg),
+            )
+        self.backend.unwrap(self.model).load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.backend.load_state_dict(state["backend"])
+        progress = state["progress"]
+        self.epoch, self.cursor, self.global_step = (
+            progress["epoch"],
+            progress["cursor"],
+            progress["global_step"],
+        )
+        self.history = json.loads(state["history"])
+        if state["world_size"] == self.backend.world_size:
+            set_rng_state(state["rng"][self.backend.rank])
+
+    # -- evaluation ------------------------------------------------------------------------
+    def evaluate(self) -> dict[str, Any]:
+        """Features of exactly the test set, one contiguous unpadded shard per rank, gathered;
+        rank 0 scores the protocol and broadcasts it, so all ranks leave together."""
+        cfg, b = self.cfg, self.backend
+        settings = cfg.eval.settings or self.dataset.settings
+        trials = cfg.eval.trials or self.dataset.trials
+        if self.dataset.name == "regdb" and not cfg.eval.trials:
+            trials = (cfg.data.trial,)  # a RegDB model is scored on its own split only
+        options = {
+            "multi_shot": cfg.eval.multi_shot,
+            "transposed_v2i": cfg.eval.llcm_transposed_v2i,
+        }
+        if self._test_records is None:
+            self._test_records = all_test_records(self.dataset, settings, trials, **options)
+        records = self._test_records
+        bounds = np.linspace(0, len(records), b.world_size + 1).astype(int)
+        shard = records[bounds[b.rank] : bounds[b.rank + 1]]
+        b.sync_buffers(self.model)
+        model = b.unwrap(self.model)
+        feats = None
+        if shard:
+            with b.autocast():
+                feats = extract_features(
+                    model,
+                    shard,
+                    build_test_transform(cfg.data.height, cfg.data.width),
+                    batch_size=cfg.eval.batch_size,
+                    device=b.device,
+                    flip=cfg.eval.flip,
+                )
+        parts = [p for p in b.all_gather_object(feats) if p is not None]
+        summary = None
+        if b.is_main:
+            cache = FeatureCache.from_arrays([r.path for r in records], np.concatenate(parts))
+            report = run_protocol(
+                self.dataset,
+                cache,
+                settings=settings,
+                trials=trials,
+                max_rank=cfg.eval.max_rank,
+                **options,
+            )
+            summary = {s.setting: s.mean() for s in report.settings}
+        summary = b.broadcast_object(summary)
+        self.model.train()
+        return summary
+
+    # -- the loop --------------------------------------------------------------------------
+    def _log(self, scalars: dict[str, float], step: int) -> None:
+        if self.writer is not None:
+            for key, value in scalars.items():
+                self.writer.add_scalar(key, value, step)
+
+    def train_step(self, batch: dict[str, torch.Tensor]) -> dict[str, float]:
+        b, t = self.backend, self.cfg.train
+        images = batch["images"].to(b.device, non_blocking=True)
+        if t.channels_last:
+            images = images.contiguous(memory_format=torch.channels_last)
+        labels = batch["labels"].to(b.device)
+        modalities = batch["modalities"].to(b.device)
+        extras = {name: batch[name].to(b.device) for name in self.batch_extras}
+        with b.accumulate(self.model):
+            with b.autocast():
+                outputs = self.forward(images, modalities, **extras)
+            # Loss math in fp32 (architecture decision 7).
+            outputs = {k: v.float() for k, v in outputs.items()}
+            terms = self.loss(outputs, labels, modalities)
+            total = sum(terms.values())
+            if not torch.isfinite(total):
+                bad = {k: float(v) for k, v in terms.items() if not torch.isfinite(v)}
+                raise NonFiniteLossError(
+                    f"non-finite loss at epoch {self.epoch} step {self.cursor}: {bad or {'total': float(total)}}"
+                )
+            b.backward(total)  # accelerate scales by 1/grad_accum itself
+            if self.cfg.optim.grad_clip:
+                b.clip(self.model, self.cfg.optim.grad_clip)
+            b.step(self.optimizer)
+        return {k: float(v.detach()) for k, v in terms.items()} | {"total": float(total.detach())}
+
+    def fit(self, resume: str | Path | None = None) -> dict[str, Any]:
+        b, t = self.backend, self.cfg.train
+        if resume is not None:
+            self.load(resume)
+            log.info("resumed from %s at epoch %d step %d", resume, self.epoch, self.cursor)
+        self.model.train()
+        stopped = False
+        while self.epoch < t.epochs and not stopped:
+            self.pipeline.set_epoch(self.epoch)
+            steps = len(self.pipeline)
+            bar = tqdm(
+                total=steps,
+                initial=self.cursor,
+                desc=f"epoch {self.epoch}",
+                disable=not b.is_main,
+                leave=False,
+            )
+            start = time.perf_counter()
+            for batch in self.pipeline.iterate(self.cursor):
+                terms = self.train_step(batch)
+                self.cursor += 1
+                self.global_step += 1
+                bar.update(1)
+                if self.global_step % t.log_every == 0:
+                    bar.set_postfix({k: f"{v:.3f}" for k, v in terms.items()})
+                    self._log(
+                        {f"loss/{k}": v for k, v in terms.items()}
+                        | {"lr": self.optimizer.param_groups[-1]["lr"]},
+                        self.global_step,
+                    )
+                if t.checkpoint_every_steps and self.global_step % t.checkpoint_every_steps == 0:
+                    self.save("last.pt")
+                if t.max_steps and self.global_step >= t.max_steps:
+                    stopped = True
+                    break
+            bar.close()
+            if stopped and self.cursor < steps:
+                self.save("last.pt")  # mid-epoch stop: resume continues at this cursor
+                break
+            seconds = time.perf_counter() - start
+            self.scheduler.step()
+            self.epoch += 1
+            self.cursor = 0
+            record: dict[str, Any] = {"epoch": self.epoch - 1, "seconds": seconds}
+            if self.epoch == t.epochs or (t.eval_every and self.epoch % t.eval_every == 0):
+                record["metrics"] = self.evaluate()
+                for setting, values in record["metrics"].items():
+                    self._log(
+                        {f"eval/{setting}/{k}": v for k, v in values.items()}, self.global_step
+                    )
+            self.history.append(record)
+            self.save("last.pt")
+            if "metrics" in record and self._is_best(record) and b.is_main:
+                save_checkpoint(self.state_dict_light(), self.run_dir / "best.pt")
+        return self.finish()
+
+    def state_dict_light(self) -> dict[str, Any]:
+        """Best-epoch weights (with progress, so it is a valid checkpoint to evaluate)."""
+        return {
+            "model": self.backend.unwrap(self.model).state_dict(),
+            "progress": {"epoch": self.epoch},
+        }
+
+    def _is_best(self, record: dict[str, Any]) -> bool:
+        scored = [r for r in self.history if "metrics" in r]
+        first = next(iter(record["metrics"]))
+        return record["metrics"][first][SELECTION_METRIC] >= max(
+            r["metrics"][first][SELECTION_METRIC] for r in scored
+        )
+
+    def finish(self) -> dict[str, Any]:
+        scored = [r for r in self.history if "metrics" in r]
+        result: dict[str, Any] = {"epochs_done": self.epoch, "global_step": self.global_step}
+        if scored:
+            first = next(iter(scored[-1]["metrics"]))
+            best = max(scored, key=lambda r: r["metrics"][first][SELECTION_METRIC])
+            result["last_epoch"] = {"epoch": scored[-1]["epoch"], "metrics": scored[-1]["metrics"]}
+            result["best_epoch_selected_on_test_set_optimistic"] = {
+                "epoch": best["epoch"],
+                "selected_by": f"{first} {SELECTION_METRIC}",
+                "metrics": best["metrics"],
+            }
+        if self.backend.is_main:
+            (self.run_dir / "final_metrics.json").write_text(json.dumps(result, indent=2))
+        if self.writer is not None:
+            self.writer.flush()
+        return result
