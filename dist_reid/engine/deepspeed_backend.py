@@ -1,0 +1,289 @@
+"""DeepSpeed ZeRO behind the engine's backend interface (architecture decision 1).
+
+``train.backend: deepspeed`` with ``train.deepspeed_config: configs/deepspeed/zero2_bf16.json``.
+The process group comes from the usual environment (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR,
+MASTER_PORT), so ``deepspeed``, ``torchrun``, ``accelerate launch`` and ``srun`` (with those
+variables exported per task) all work; a bare ``python`` run is a group of one.
+
+Checkpoints: ZeRO stages 1 and 2 only. The trainer's single ``last.pt`` stays the one resume
+file: the module weights (full on every rank under ZeRO-1/2), and under ``"optimizer"`` every
+rank's ZeRO partition (fp32 master weights, optimizer moments, loss-scaler state) gathered to
+rank 0, each serialised to a byte tensor because DeepSpeed's state holds Python objects that
+``weights_only`` loading refuses. Progress, RNG and config hash are saved by the trainer as for
+any backend. Resume restores the fp32 masters from those partitions (no bf16 rounding), so it is
+exact; it needs the same world size and DeepSpeed config as the run that saved. ZeRO-3 (params
+partitioned inside the module) would need DeepSpeed's own checkpoint layout and is refused.
+
+On CPU DeepSpeed JIT-compiles a shared-memory collective op on first init (about a minute);
+it is skipped (gloo collectives are used instead) unless ``DIST_REID_DS_SHM=1``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import importlib
+import io
+import json
+import os
+import socket
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from dist_reid.engine.backends import TrainingBackend
+
+_PRECISION_KEYS = {"bf16": "bf16", "fp16": "fp16"}
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def load_deepspeed_config(
+    source: str | os.PathLike[str] | dict[str, Any],
+    *,
+    mixed_precision: str = "no",
+    grad_accum: int = 1,
+    grad_clip: float | None = None,
+    micro_batch: int = 1,
+) -> dict[str, Any]:
+    """Read a DeepSpeed JSON config and fill its ``"auto"`` values from ours.
+
+    ``"auto"`` is accepted for ``gradient_accumulation_steps`` (train.grad_accum),
+    ``gradient_clipping`` (optim.grad_clip, 0 = off), ``train_micro_batch_size_per_gpu`` and
+    ``bf16.enabled`` / ``fp16.enabled`` (train.mixed_precision). The batch itself always comes
+    from our sampler; DeepSpeed's batch sizes only feed its own throughput logs.
+    """
+    if isinstance(source, dict):
+        cfg, where = copy.deepcopy(source), "deepspeed config"
+    else:
+        path = Path(source)
+        where = str(path)
+        if not path.is_file():
+            raise FileNotFoundError(f"train.deepspeed_config: {path} does not exist")
+        try:
+            cfg = json.loads(path.read_text())
+        except json.JSONDecodeError as exc:
+            raise ValueError(f"train.deepspeed_config: {path} is not valid JSON: {exc}") from None
+    stage = int(cfg.get("zero_optimization", {}).get("stage", 0))
+    if stage not in (0, 1, 2):
+        raise ValueError(
+            f"{where}: zero_optimization.stage={stage} is not supported (dist-reid checkpoints "
+            "need the full module on every rank: use stage 1 or 2)"
+        )
+    if cfg.get("train_batch_size", "auto") == "auto":
+        cfg.pop("train_batch_size", None)  # derived by DeepSpeed from micro x accum x world
+    if cfg.get("train_micro_batch_size_per_gpu", "auto") == "auto":
+        cfg["train_micro_batch_size_per_gpu"] = micro_batch
+    if cfg.get("gradient_accumulation_steps", "auto") == "auto":
+        cfg["gradient_accumulation_steps"] = grad_accum
+    elif cfg["gradient_accumulation_steps"] != grad_accum:
+        raise ValueError(
+            f"{where}: gradient_accumulation_steps={cfg['gradient_accumulation_steps']} but "
+            f"train.grad_accum={grad_accum}; set one of them to 'auto'/the same value"
+        )
+    if cfg.get("gradient_clipping", "auto") == "auto":
+        cfg["gradient_clipping"] = float(grad_clip or 0.0)
+    enabled = {}
+    for key in _PRECISION_KEYS:
+        section = cfg.get(key)
+        if section is None:
+            enabled[key] = False
+            continue
+        if section.get("enabled") == "auto":
+            section["enabled"] = mixed_precision == key
+        enabled[key] = bool(section.get("enabled", False))
+    if enabled["bf16"] and enabled["fp16"]:
+        raise ValueError(f"{where}: bf16 and fp16 are both enabled")
+    config_precision = "bf16" if enabled["bf16"] else "fp16" if enabled["fp16"] else "no"
+    if mixed_precision != "no" and mixed_precision != config_precision:
+        raise ValueError(
+            f"train.mixed_precision={mixed_precision!r} but {where} enables {config_precision!r}: "
+            "DeepSpeed owns the precision; make them agree (or use 'auto' in the JSON)"
+        )
+    return cfg
+
+
+class _PartitionedOptimizer:
+    """The DeepSpeed optimizer as the trainer sees it: ``param_groups`` etc. pass through;
+    ``state_dict`` gathers every rank's ZeRO partition to rank 0 (collective: every rank calls
+    it, as the trainer does) and ``load_state_dict`` picks them back up."""
+
+    def __init__(self, backend: DeepSpeedBackend) -> None:
+        self._backend = backend
+
+    @property
+    def _inner(self) -> Any:
+        return self._backend.engine.optimizer
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._inner, name)
+
+    @property
+    def param_groups(self) -> list[dict[str, Any]]:
+        return self._inner.param_groups
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        self._backend.engine.zero_grad()
+
+    def state_dict(self) -> dict[str, Any]:
+        buffer = io.BytesIO()
+        torch.save(self._inner.state_dict(), buffer)
+        mine = torch.frombuffer(bytearray(buffer.getvalue()), dtype=torch.uint8)
+        b = self._backend
+        if b.world_size == 1:
+            parts = [mine]
+        else:
+            parts = [None] * b.world_size if b.is_main else None
+            torch.distributed.gather_object(mine, parts, dst=0)
+        return {"deepspeed_zero_partitions": parts, "world_size": b.world_size}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        b = self._backend
+        parts = state.get("deepspeed_zero_partitions")
+        if parts is None:
+            raise ValueError(
+                "checkpoint optimizer state was not written by the deepspeed backend "
+                "(train.backend must match the run that saved it)"
+            )
+        if len(parts) != b.world_size:
+            raise ValueError(
+                f"checkpoint holds ZeRO partitions of {len(parts)} ranks but this run has "
+                f"{b.world_size}: resume with the same number of processes"
+            )
+        # DeepSpeed's state holds Python objects (the loss scaler); these bytes are our own
+        # checkpoint's, written by state_dict above.
+        states = [
+            torch.load(io.BytesIO(p.numpy().tobytes()), map_location="cpu", weights_only=False)
+            for p in parts
+        ]
+        self._inner.load_state_dict(states, load_optimizer_states=True, load_from_fp32_weights=True)
+
+
+class DeepSpeedBackend(TrainingBackend):
+    """``deepspeed.initialize`` with a client optimizer (the trainer's parameter groups and lr
+    schedule stay ours); precision, ZeRO stage and clipping come from the DeepSpeed config."""
+
+    name = "deepspeed"
+
+    def __init__(
+        self,
+        config: str | os.PathLike[str] | dict[str, Any] | None = None,
+        mixed_precision: str = "no",
+        grad_accum: int = 1,
+        grad_clip: float | None = None,
+        micro_batch: int = 1,
+    ) -> None:
+        if config is None:
+            raise ValueError("train.deepspeed_config: required when train.backend is 'deepspeed'")
+        self.config = load_deepspeed_config(
+            config,
+            mixed_precision=mixed_precision,
+            grad_accum=grad_accum,
+            grad_clip=grad_clip,
+            micro_batch=micro_batch,
+        )
+        # A bare `python` run: a group of one on a free local port.
+        os.environ.setdefault("RANK", "0")
+        os.environ.setdefault("LOCAL_RANK", "0")
+        os.environ.setdefault("WORLD_SIZE", "1")
+        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+        os.environ.setdefault("MASTER_PORT", str(_free_port()))
+        if not torch.cuda.is_available():
+            os.environ.setdefault("DS_ACCELERATOR", "cpu")
+            if os.environ.get("DIST_REID_DS_SHM", "0") != "1":
+                # `import deepspeed.comm.torch as m` would bind the real torch (name shadowing),
+                # so patch through importlib.
+                importlib.import_module("deepspeed.comm.torch").build_shm_op = lambda: None
+        import deepspeed
+
+        deepspeed.init_distributed(dist_backend=None, auto_mpi_discovery=False)
+        self.rank = torch.distributed.get_rank()
+        self.world_size = torch.distributed.get_world_size()
+        expected = int(os.environ["WORLD_SIZE"])
+        if self.world_size != expected:
+            raise RuntimeError(
+                f"deepspeed group has {self.world_size} ranks but WORLD_SIZE={expected}"
+            )
+        if torch.cuda.is_available():
+            local = int(os.environ.get("LOCAL_RANK", "0"))
+            torch.cuda.set_device(local)
+            self.device = torch.device("cuda", local)
+        else:
+            self.device = torch.device("cpu")
+        self.engine: Any = None
+        self.dtype = (
+            torch.bfloat16
+            if self.config.get("bf16", {}).get("enabled")
+            else torch.float16
+            if self.config.get("fp16", {}).get("enabled")
+            else torch.float32
+        )
+
+    def prepare(self, model: nn.Module, optimizer: torch.optim.Optimizer) -> tuple[nn.Module, Any]:
+        import deepspeed
+
+        model = model.to(self.device)
+        engine, _, _, _ = deepspeed.initialize(
+            model=model, optimizer=optimizer, config=copy.deepcopy(self.config)
+        )
+        self.engine = engine
+        if self.dtype != torch.float32:
+            # The engine's parameters are bf16/fp16 while the loop hands it fp32 images and
+            # some layers compute in fp32 on purpose (GeM pooling): every layer that holds
+            # low-precision parameters casts its floating inputs to their dtype.
+            for module in engine.module.modules():
+                own = list(module.parameters(recurse=False))
+                if own and all(p.dtype == self.dtype for p in own):
+                    module.register_forward_pre_hook(self._cast_inputs)
+        return engine, _PartitionedOptimizer(self)
+
+    def _cast_inputs(self, module: nn.Module, args: tuple[Any, ...]) -> tuple[Any, ...]:
+        return tuple(
+            a.to(self.dtype) if isinstance(a, torch.Tensor) and a.is_floating_point() else a
+            for a in args
+        )
+
+    def accumulate(self, model: nn.Module) -> contextlib.AbstractContextManager:
+        return contextlib.nullcontext()  # the engine counts micro-steps itself
+
+    def autocast(self) -> contextlib.AbstractContextManager:
+        return contextlib.nullcontext()  # the engine's module already holds bf16/fp16 weights
+
+    def backward(self, loss: torch.Tensor) -> None:
+        self.engine.backward(loss)  # scales by 1/accum and by the fp16 loss scale
+
+    def clip(self, model: nn.Module, max_norm: float) -> None:
+        """No-op: DeepSpeed clips inside ``step`` (``gradient_clipping``, filled from
+        ``optim.grad_clip`` when the JSON says "auto")."""
+
+    def step(self, optimizer: Any) -> bool:
+        boundary = bool(self.engine.is_gradient_accumulation_boundary())
+        self.engine.step()  # steps and zeroes gradients at the boundary only
+        return boundary
+
+    def unwrap(self, model: nn.Module) -> nn.Module:
+        return model.module if hasattr(model, "module") else model
+
+    def all_gather_object(self, obj: Any) -> list[Any]:
+        if self.world_size == 1:
+            return [obj]
+        out: list[Any] = [None] * self.world_size
+        torch.distributed.all_gather_object(out, obj)
+        return out
+
+    def broadcast_object(self, obj: Any) -> Any:
+        if self.world_size == 1:
+            return obj
+        box = [obj if self.is_main else None]
+        torch.distributed.broadcast_object_list(box, src=0)
+        return box[0]
+
+    def barrier(self) -> None:
+        if self.world_size > 1:
+            torch.distributed.barrier()

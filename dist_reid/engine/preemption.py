@@ -1,0 +1,113 @@
+"""Preemption and fault injection for the training loop.
+
+Slurm sends SIGUSR1 (``--signal=USR1@T``, or to the batch shell with ``B:``, which turns it into
+SIGTERM for the launchers) before it stops a job; torchrun and accelerate forward SIGTERM to
+their workers. The handler only sets a flag; the loop asks :meth:`PreemptionHandler.stop_requested`
+after every optimiser step, which all-reduces the flag, so every rank sees the same answer at
+the same step, checkpoints together and leaves with :data:`PREEMPTED_EXIT_CODE`.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+import signal
+import threading
+from types import FrameType
+from typing import Any, Protocol
+
+import torch
+
+
+class _Group(Protocol):
+    """What stop_requested needs of a TrainingBackend (not imported: backends imports us)."""
+
+    world_size: int
+    device: torch.device
+
+
+PREEMPTED_EXIT_CODE = 75  # EX_TEMPFAIL: "try again later", distinct from crashes (1) and signals
+FAULT_STEP_ENV = "DIST_REID_FAULT_KILL_AT_STEP"
+FAULT_RANK_ENV = "DIST_REID_FAULT_RANK"
+
+
+class Preempted(SystemExit):
+    """Raised after the preemption checkpoint; uncaught, the process exits with code 75."""
+
+    def __init__(self, global_step: int) -> None:
+        super().__init__(PREEMPTED_EXIT_CODE)
+        self.global_step = global_step
+
+
+class PreemptionHandler:
+    """SIGUSR1/SIGTERM set a flag (nothing else is safe inside a signal handler)."""
+
+    def __init__(self, signals: tuple[signal.Signals, ...] = (signal.SIGUSR1, signal.SIGTERM)):
+        self.signals = signals
+        self.received: int | None = None
+        self._previous: dict[int, Any] = {}
+
+    def install(self) -> PreemptionHandler:
+        # signal.signal only works in the main thread (e.g. not inside a Ray actor thread).
+        if threading.current_thread() is threading.main_thread():
+            for sig in self.signals:
+                self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def uninstall(self) -> None:
+        for sig, previous in self._previous.items():
+            signal.signal(sig, previous)
+        self._previous.clear()
+
+    def _handle(self, signum: int, frame: FrameType | None) -> None:
+        self.received = signum
+
+    def stop_requested(self, backend: _Group) -> bool:
+        """True on every rank as soon as any rank got the signal (a collective: all ranks call
+        it at the same step)."""
+        flag = torch.tensor([0 if self.received is None else 1], device=backend.device)
+        if backend.world_size > 1:
+            torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
+        return bool(flag.item())
+
+
+def inject_fault(global_step: int, rank: int) -> None:
+    """Test hook: SIGKILL this process at ``global_step`` == $DIST_REID_FAULT_KILL_AT_STEP on rank
+    $DIST_REID_FAULT_RANK (default 1), in the first incarnation of an elastic job only
+    (TORCHELASTIC_RESTART_COUNT 0 or unset), so the restarted group runs through. A no-op unless
+    the variable is set."""
+    step = os.environ.get(FAULT_STEP_ENV)
+    if not step or global_step != int(step):
+        return
+    if rank != int(os.environ.get(FAULT_RANK_ENV, "1")):
+        return
+    if os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") != "0":
+        return
+    os.kill(os.getpid(), signal.SIGKILL)
+
+
+def isolate_elastic_restarts() -> None:
+    """Give each torchrun restart its own key space in the agent's store.
+
+    torchrun keeps one TCPStore for the whole job, and the workers' ``env://`` rendezvous reuses
+    it without a per-attempt prefix; after a restart the new gloo group reads the dead group's
+    peer addresses and fails with "connectFullMesh ... Connection refused". Prefixing the store
+    with the restart count (identical on every worker of an attempt) fixes it. A no-op outside
+    a restarted torchrun worker.
+    """
+    attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+    if attempt == "0" or os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True":
+        return
+    # `from torch.distributed import rendezvous` gives the function, not the module.
+    rendezvous = importlib.import_module("torch.distributed.rendezvous")
+    create = rendezvous._create_c10d_store
+    if getattr(create, "_dist_reid_prefixed", False):
+        return
+
+    def prefixed(*args: Any, **kwargs: Any) -> torch.distributed.Store:
+        return torch.distributed.PrefixStore(
+            f"/dist_reid/attempt_{attempt}", create(*args, **kwargs)
+        )
+
+    prefixed._dist_reid_prefixed = True  # type: ignore[attr-defined]
+    rendezvous._create_c10d_store = prefixed
