@@ -1,0 +1,373 @@
+"""PDM (methods.md section 2): model shapes and switches, every loss term by hand and by
+gradcheck, configs, and a 2-process training run on synthetic data."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+from reid_kernels import triplet_mining_loss_reference
+
+from dist_reid.builders import build_loss, build_model
+from dist_reid.config import load_config
+from dist_reid.config.schema import ConfigError
+from dist_reid.losses import LOSSES
+from dist_reid.losses.pdm import PDMLoss, ch_loss, cpm_loss, dcs_loss, ort_loss
+from dist_reid.models import MODELS
+from dist_reid.models.pdm import PDM, PLM, SimAM, feature_map_size, phase_only
+
+REPO = Path(__file__).resolve().parents[2]
+SIZE = (64, 32)
+LABELS = torch.tensor([0, 0, 1, 1, 0, 0, 1, 1])  # sampler layout: P=2, K=2 visible then infrared
+MODS = torch.tensor([0, 0, 0, 0, 1, 1, 1, 1])
+
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
+
+def tiny(**options) -> PDM:
+    torch.manual_seed(0)
+    return PDM(num_classes=3, backbone="resnet18", input_size=SIZE, **options)
+
+
+def test_registered_by_name():
+    assert MODELS.get("pdm") is PDM and LOSSES.get("pdm") is PDMLoss
+
+
+@pytest.mark.parametrize("after, channels", [(3, 512), (2, 256)])
+def test_forward_shapes_train_and_test(after, channels):
+    model = tiny(mfgm_after=after)
+    out = model(torch.randn(8, 3, *SIZE), MODS)
+    n = 8 * 3  # original + 2 MFGM branches stacked along the batch
+    positions = 4 * 2  # 64x32 / 16
+    assert out["global"].shape == (n, channels)
+    assert out["feature"].shape == (n, 11 * channels)
+    assert out["logits_global"].shape == out["logits_feature"].shape == (n, 3)
+    assert out["prototype_logits"].shape == (n, 10, positions)
+    # F = [p_1 .. p_m, F_g]: its last C entries are the global feature.
+    torch.testing.assert_close(out["feature"][:, -channels:], out["global"])
+    # Every trainable parameter gets a gradient (DDP refuses unused ones).
+    sum(v.sum() for v in out.values()).backward()
+    assert [n for n, p in model.named_parameters() if p.requires_grad and p.grad is None] == []
+    model.eval()
+    assert model.embed(torch.randn(2, 3, *SIZE), "visible").shape == (2, channels)
+    model.test_mode = "official"
+    emb = model.embed(torch.randn(2, 3, *SIZE), "infrared")
+    assert emb.shape == (2, 3 * 12 * channels)
+    # 6 unit-norm chunks: the evaluator's cosine ranks as the sum of 6 cosine matrices.
+    chunks = emb.split([channels, 11 * channels] * 3, dim=1)
+    for c in chunks:
+        torch.testing.assert_close(c.norm(dim=1), torch.ones(2))
+
+
+def test_official_test_score_equals_sum_of_cosines():
+    model = tiny(test_mode="official").eval()
+    q, g = (
+        model.embed(torch.randn(3, 3, *SIZE), "infrared"),
+        model.embed(torch.randn(4, 3, *SIZE), "visible"),
+    )
+    c = 512
+    widths = [c, 11 * c] * 3
+    summed = sum(a @ b.T for a, b in zip(q.split(widths, 1), g.split(widths, 1), strict=True))
+    cos = F.normalize(q, dim=1) @ F.normalize(g, dim=1).T
+    torch.testing.assert_close(cos * 6, summed)
+
+
+def test_feature_map_size_and_input_mismatch_fails_fast():
+    assert feature_map_size((384, 192), 4) == (24, 12)
+    assert feature_map_size((288, 144), 4) == (18, 9)
+    model = tiny()
+    assert model.plm.pos_embed.shape == (8, 512)
+    with pytest.raises(ValueError, match=r"input_size.*\(32, 16\)"):
+        model(torch.randn(2, 3, 32, 16), MODS[:2])
+
+
+def test_builder_sizes_positional_embedding_from_data_size():
+    cfg = load_config(
+        REPO / "configs/sysu/pdm.yaml",
+        ["data.root=x", "model.backbone=resnet18", "data.height=96", "data.width=48"],
+    )
+    model = build_model(cfg, num_classes=5)
+    assert model.plm.pos_embed.shape == (6 * 3, 512)
+
+
+def test_switches_change_structure():
+    base = tiny()
+    assert tiny(num_prototypes=4).plm.prototypes.shape == (4, 512)
+    assert tiny(num_prototypes=4).neck_feature.bn.num_features == 5 * 512
+    assert tiny(mfgm_branches=1)(torch.randn(4, 3, *SIZE), MODS[2:6])["global"].shape[0] == 8
+    count = lambda m: sum(p.numel() for p in m.parameters())  # noqa: E731
+    assert count(tiny(mfa=False)) < count(base)
+    assert tiny(mfa=False).mfa is None and len(base.mfa) == 3 and len(tiny(mfgm_after=2).mfa) == 2
+    assert (
+        base.mfgm[0].proj.in_channels == 64
+        and tiny(mfgm_variant="paper").mfgm[0].proj.in_channels == 128
+    )
+    assert tiny(sna=False).sna is None
+
+
+def test_phase_augmentation_only_while_training():
+    x = torch.randn(4, 3, *SIZE)
+    on, off = tiny(phase_aug=True, dropout=0.0), tiny(phase_aug=False, dropout=0.0)
+    off.load_state_dict(on.state_dict())
+    on.eval(), off.eval()
+    torch.testing.assert_close(on.embed(x, "visible"), off.embed(x, "visible"))
+    on.train(), off.train()
+    assert not torch.allclose(on(x, MODS[:4])["global"], off(x, MODS[:4])["global"])
+
+
+def test_phase_only_of_constant_image_is_a_delta():
+    # A constant image's spectrum is pure DC (phase 0), other bins have angle 0: all-ones spectrum.
+    out = phase_only(torch.full((1, 1, 4, 4), 3.0))
+    expected = torch.zeros(1, 1, 4, 4)
+    expected[0, 0, 0, 0] = 1.0
+    torch.testing.assert_close(out, expected)
+
+
+def test_simam_hand_computed():
+    x = torch.tensor([[[[1.0, 3.0]]]])  # mean 2, d = [1, 1], v = 2 / 1
+    lam = 1e-4
+    e = 1.0 / (4 * (2.0 + lam)) + 0.5
+    expected = x * torch.sigmoid(torch.tensor(e))
+    torch.testing.assert_close(SimAM(lam)(x), expected)
+
+
+def test_plm_hand_computed():
+    plm = PLM(channels=2, num_prototypes=1, positions=2)
+    with torch.no_grad():
+        plm.prototypes.copy_(torch.tensor([[1.0, 0.0]]))
+        plm.pos_embed.copy_(torch.tensor([[0.0, 0.0], [math.log(3.0), 0.0]]))
+    x = torch.tensor([[[[0.0, 0.0]], [[2.0, 4.0]]]])  # (1, C=2, h=1, w=2): tokens (0,2), (0,4)
+    local, logits = plm(x)
+    # logits = P.(I+E) = [0, log 3]; S = [0.5, 0.75]; p = (0.5*(0,2) + 0.75*(0,4)) / 2 = (0, 2)
+    torch.testing.assert_close(logits, torch.tensor([[[0.0, math.log(3.0)]]]))
+    torch.testing.assert_close(local, torch.tensor([[[0.0, 2.0]]]))
+
+
+# -- losses ------------------------------------------------------------------------------------
+def _cpm_inputs():
+    labels = torch.tensor([0, 1, 0, 1])
+    mods = torch.tensor([0, 0, 1, 1])
+    feats = torch.tensor([[0.0], [10.0], [1.0], [11.0]])  # v: 0, 10; ir: 1, 11
+    gen = torch.tensor([[0.5], [10.5], [1.5], [11.5]])  # v+: 0.5, 10.5; ir+: 1.5, 11.5
+    return feats, gen, labels, mods
+
+
+def test_cpm_code_form_hand_computed():
+    # v+ direction: [|1-.5| - |0-.5| + .2]_+ = .2 per id, other hinges 0 -> .5 * .2
+    # ir+ direction: [|0-1.5| - |1-1.5| + .2]_+ = 1.2 per id -> .5 * 1.2;  total 0.7
+    f, g, y, m = _cpm_inputs()
+    torch.testing.assert_close(cpm_loss(f, g, y, m, 0.2, "code", "torch"), torch.tensor(0.7))
+
+
+def test_cpm_paper_form_hand_computed():
+    labels, mods = torch.tensor([0, 1, 0, 1]), torch.tensor([0, 0, 1, 1])
+    f = torch.tensor([[0.0], [1.0], [2.0], [3.0]])  # v: 0, 1; ir: 2, 3
+    g = torch.tensor([[0.5], [1.5], [2.5], [3.5]])  # v+: .5, 1.5; ir+: 2.5, 3.5
+    # v+: j=0: [|2-.5| - |0-.5| - |0-1| + .2] = .2 ; j=1: [|3-1.5| - .5 - 1 + .2] = .2 -> mean .2
+    # ir+: j=0: [|0-2.5| - |2-2.5| - |2-3| + .2] = 1.2 ; j=1: [|1-3.5| - .5 - 1 + .2] = 1.2 -> 1.2
+    torch.testing.assert_close(
+        cpm_loss(f, g, labels, mods, 0.2, "paper", "torch"), torch.tensor(1.4)
+    )
+
+
+def test_ch_loss_hand_computed():
+    logits = torch.tensor([[[0.0, 0.0], [math.log(3.0), -math.log(3.0)]]])  # S: [.5,.5], [.75,.25]
+    torch.testing.assert_close(ch_loss(logits, "code", "torch"), torch.tensor(-0.25))
+    raw = torch.tensor([[[1.0, 0.0], [1.0, 1.0]]])
+    torch.testing.assert_close(ch_loss(raw, "cosine", "torch"), torch.tensor(1 / math.sqrt(2)))
+
+
+def test_dcs_loss_hand_computed():
+    f = torch.tensor([[0.0], [2.0], [10.0], [10.0]])
+    y = torch.tensor([0, 0, 1, 1])
+    # pull: (|0-1| - .01 + |2-1| - .01 + 0 + 0) / 4 = .495; push: [20 - 9]_+ = 11
+    for form in ("paper", "code"):
+        torch.testing.assert_close(
+            dcs_loss(f, y, 0.01, 20.0, form, 1, "torch"), torch.tensor(11.495)
+        )
+    torch.testing.assert_close(dcs_loss(f, y, 0.01, 0.7, "paper", 1, "torch"), torch.tensor(0.495))
+
+
+def test_dcs_anchor_stride_differs_from_paper_form():
+    f = torch.tensor([[0.0], [0.0], [1.0], [1.0], [3.0], [3.0]])
+    y = torch.tensor([0, 0, 1, 1, 2, 2])
+    # centroid gaps 1, 3, 2; rho2 4: paper = mean(3, 1, 2) = 2.
+    torch.testing.assert_close(dcs_loss(f, y, 0.0, 4.0, "paper", 4, "torch"), torch.tensor(2.0))
+    # code, stride 4: anchors rows 0 (id 0: mean(3, 1) = 2) and 4 (id 2: mean(1, 2) = 1.5)
+    torch.testing.assert_close(dcs_loss(f, y, 0.0, 4.0, "code", 4, "torch"), torch.tensor(1.75))
+
+
+def test_ort_loss_hand_computed():
+    a, b = torch.tensor([[1.0, 0.0]]), torch.tensor([[2.0, 0.0]])
+    torch.testing.assert_close(ort_loss([a, b], normalize=True), torch.tensor(1 / 3))
+    torch.testing.assert_close(ort_loss([a * 3, b], normalize=False), torch.tensor(6 / 3))
+
+
+def test_loss_terms_gradcheck_float64():
+    torch.manual_seed(0)
+    f = torch.randn(8, 3, dtype=torch.float64, requires_grad=True)
+    g = torch.randn(8, 3, dtype=torch.float64, requires_grad=True)
+    for form in ("code", "paper"):
+        assert torch.autograd.gradcheck(
+            lambda a, b, form=form: cpm_loss(a, b, LABELS, MODS, 2.0, form, "torch", False), (f, g)
+        )
+        assert torch.autograd.gradcheck(
+            lambda a, form=form: dcs_loss(a, LABELS, 0.01, 3.0, form, 4, "torch"), (f,)
+        )
+    # The code form's stop-gradient: only the cross-modal distance carries gradient in hinge 1.
+    fd = f.detach().requires_grad_()
+    cpm_loss(fd, g.detach(), LABELS, MODS, 100.0, "code", "torch").backward()
+    fn = fd.grad.clone()
+    fd.grad = None
+    cpm_loss(fd, g.detach(), LABELS, MODS, 100.0, "code", "torch", False).backward()
+    assert not torch.allclose(fn, fd.grad)
+    s = torch.randn(3, 4, 5, dtype=torch.float64, requires_grad=True)
+    for form in ("code", "cosine"):
+        assert torch.autograd.gradcheck(lambda a, form=form: ch_loss(a, form, "torch"), (s,))
+    assert torch.autograd.gradcheck(lambda a, b: ort_loss([a, b]), (f, g))
+
+
+def test_pdm_loss_assembles_weighted_terms():
+    model = tiny()
+    out = model(torch.randn(8, 3, *SIZE), MODS)
+    loss = PDMLoss(kernels="torch")
+    terms = loss(out, LABELS, MODS)
+    assert set(terms) == {"id", "tri", "cpm", "ch", "dcs", "ort"}
+    y3 = LABELS.repeat(3)
+    ce = F.cross_entropy(out["logits_global"], y3) + F.cross_entropy(out["logits_feature"], y3)
+    torch.testing.assert_close(terms["id"], ce)
+    torch.testing.assert_close(
+        terms["tri"], triplet_mining_loss_reference(out["global"], y3, 0.3, "hard")
+    )
+    cpm = sum(
+        cpm_loss(x[:8], x[8 * s : 8 * (s + 1)], LABELS, MODS, 0.2, "code", "torch")
+        for x in (out["global"], out["feature"])
+        for s in (1, 2)
+    )
+    torch.testing.assert_close(terms["cpm"], 0.4 * cpm)
+    torch.testing.assert_close(
+        terms["ch"], 0.25 * ch_loss(out["prototype_logits"], "code", "torch")
+    )
+    torch.testing.assert_close(
+        terms["ort"], 0.01 * ort_loss([out["global"][8:16], out["global"][16:]])
+    )
+    paper = PDMLoss(
+        cpm_form="paper",
+        ch_form="cosine",
+        ch_weight=1.0,
+        dcs_form="paper",
+        ort_weight=0.0,
+        kernels="torch",
+    )
+    assert "ort" not in paper(out, LABELS, MODS)
+    r = out["prototype_logits"]
+    cos = F.cosine_similarity(r[:, :, None], r[:, None, :], dim=3)  # (N, m, m)
+    iu = torch.triu_indices(10, 10, offset=1)
+    torch.testing.assert_close(paper(out, LABELS, MODS)["ch"], cos[:, iu[0], iu[1]].mean())
+    assert terms["ch"] <= 0  # the code form is a negated distance
+
+
+@pytest.mark.parametrize(
+    "options, key",
+    [
+        ({"cpm_form": "x"}, "cpm_form"),
+        ({"ch_form": "x"}, "ch_form"),
+        ({"dcs_form": "x"}, "dcs_form"),
+    ],
+)
+def test_bad_loss_options_name_the_key(options, key):
+    with pytest.raises(ValueError, match=key):
+        PDMLoss(**options)
+
+
+def test_bad_model_option_names_the_key():
+    with pytest.raises(ValueError, match="test_mode"):
+        tiny(test_mode="fast")
+    cfg = load_config(REPO / "configs/sysu/pdm.yaml", ["data.root=x", "model.options.prototypes=3"])
+    with pytest.raises(ConfigError, match=r"model\.options\.prototypes"):
+        build_model(cfg, num_classes=3)
+
+
+def test_lr_groups_cover_all_parameters_once():
+    model = tiny()
+    groups = model.lr_groups()
+    ids = [id(p) for params, _ in groups.values() for p in params]
+    assert len(ids) == len(set(ids)) == len(list(model.parameters()))
+    assert groups["head"][1] == 1.0 and groups["backbone"][1] == 0.1
+    assert {id(p) for p in model.neck_feature.parameters()} <= {
+        id(p) for p in groups["backbone"][0]
+    }
+
+
+@pytest.mark.parametrize("dataset", ["sysu", "regdb", "llcm"])
+def test_configs_use_the_official_preset(dataset):
+    cfg = load_config(
+        REPO / f"configs/{dataset}/pdm.yaml", ["data.root=x", "model.backbone=resnet18"]
+    )
+    assert cfg.model.options["phase_aug"] and cfg.model.options["mfa"]
+    assert cfg.model.options["mfgm_after"] == (2 if dataset == "regdb" else 3)
+    loss = build_loss(cfg)
+    assert loss.cpm_form == "code" and loss.w["ort"] == 0.01
+
+
+def test_paper_preset_turns_the_code_extras_off(tmp_path):
+    cfg_file = tmp_path / "p.yaml"
+    cfg_file.write_text(
+        f"_base_: [{REPO}/configs/datasets/sysu.yaml, {REPO}/configs/base/pdm_paper.yaml]\n"
+    )
+    cfg = load_config(cfg_file, ["data.root=x"])
+    o = cfg.model.options
+    assert not (o["phase_aug"] or o["sna"] or o["mfa"]) and o["mfgm_variant"] == "paper"
+    assert cfg.loss.options["ort_weight"] == 0.0 and cfg.train.epochs == 150
+
+
+@pytest.mark.slow
+def test_two_process_training_loss_falls(synthetic_trees, tmp_path, two_process_probe):
+    root, _ = synthetic_trees["sysu"]
+    overrides = [
+        f"data.root={root}",
+        f"run.output_dir={tmp_path}",
+        "run.name=ddp",
+        "data.height=64",
+        "data.width=32",
+        "data.num_workers=0",
+        "data.augment.random_erasing=0",
+        "model.backbone=resnet18",
+        "train.ids_per_batch=4",
+        "train.instances_per_modality=2",
+        "train.tensorboard=false",
+        "train.kernels=torch",
+        "train.lr=0.05",
+        "optim.warmup_epochs=0",
+    ]
+    ranks = two_process_probe(str(REPO / "configs/sysu/pdm.yaml"), 6, overrides)
+    assert [r["batch"] for r in ranks] == [8, 8]
+
+
+@pytest.mark.gpu
+def test_cuda_kernels_match_the_torch_reference():
+    model = tiny().cuda()
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        out = model(torch.randn(8, 3, *SIZE, device="cuda"), MODS.cuda())
+    out = {k: v.float() for k, v in out.items()}  # as the trainer does
+    labels, mods = LABELS.cuda(), MODS.cuda()
+    fused = PDMLoss(kernels="auto")(out, labels, mods)
+    ref = PDMLoss(kernels="torch")(out, labels, mods)
+    assert fused.keys() == ref.keys()
+    for key in ref:
+        assert torch.isfinite(fused[key]), key
+        torch.testing.assert_close(fused[key], ref[key], rtol=1e-4, atol=1e-4, msg=key)
+
+
+def test_num_prototypes_switch_through_the_config():
+    cfg = load_config(
+        REPO / "configs/sysu/pdm.yaml",
+        ["data.root=x", "model.backbone=resnet18", "model.options.num_prototypes=6"],
+    )
+    model = build_model(cfg, num_classes=4)
+    assert model.plm.prototypes.shape == (6, 512)
+    assert model.neck_feature.classifier.in_features == 7 * 512
