@@ -1,0 +1,1 @@
+"""Figures researchers read their models through (matplotlib, PNG, readable without the code)."""
