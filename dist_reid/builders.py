@@ -57,6 +57,28 @@ def _call(factory, section: str, kwargs: dict):
     return factory(**kwargs)
 
 
+def check_options(cfg: ExperimentConfig) -> None:
+    """Refuse model/loss options their factories do not take, without building anything."""
+    for section, registry, options in (
+        ("model", MODELS, cfg.model.options),
+        ("loss", LOSSES, cfg.loss.options),
+    ):
+        name = getattr(cfg, section).name
+        try:
+            factory = registry.get(name)
+        except KeyError as exc:
+            raise ConfigError(f"{section}.name: {exc.args[0]}") from None
+        accepted = inspect.signature(factory).parameters
+        if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in accepted.values()):
+            continue
+        for key in options:
+            if key not in accepted:
+                raise ConfigError(
+                    f"{section}.options.{key}: {factory.__name__} takes no such option "
+                    f"(it takes: {', '.join(k for k in accepted if k != 'self')})"
+                )
+
+
 def build_model(cfg: ExperimentConfig, num_classes: int | None = None) -> nn.Module:
     """The model named by ``model.name`` with its options (``num_classes`` for trained heads)."""
     try:
@@ -72,6 +94,9 @@ def build_model(cfg: ExperimentConfig, num_classes: int | None = None) -> nn.Mod
         if num_classes is None:
             raise ValueError(f"model {cfg.model.name!r} needs the number of training identities")
         kwargs["num_classes"] = num_classes
+    if "input_size" in inspect.signature(factory).parameters:
+        # Resolution-tied parameters (PDM's positional embedding, MIP's patch grid) follow data.
+        kwargs.setdefault("input_size", (cfg.data.height, cfg.data.width))
     return _call(factory, "model", kwargs)
 
 

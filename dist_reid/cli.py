@@ -141,6 +141,57 @@ def _cmd_extract(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_tune(args: argparse.Namespace) -> int:
+    from dist_reid.tune import load_sweep
+    from dist_reid.tune.run import run_sweep
+
+    outputs = run_sweep(load_sweep(args.config, tuple(args.overrides)), resume=args.resume)
+    print(outputs.table_md.read_text())
+    for path in (outputs.table_csv, outputs.best_config, outputs.heatmap):
+        if path is not None:
+            print(f"wrote {path}")
+    return 0
+
+
+def _cmd_plot(args: argparse.Namespace) -> int:
+    if args.compare:
+        from dist_reid.viz.report import compare_cmc
+
+        print(f"wrote {compare_cmc(args.compare, args.out / 'cmc_compare.png', args.setting)}")
+        return 0
+    from dist_reid.config import load_config
+    from dist_reid.engine.figures import model_figures
+
+    if not args.config or not (args.checkpoint or args.untrained):
+        raise ValueError(
+            "plot needs --config and --checkpoint (or --untrained), or --compare RUN_DIR ..."
+        )
+    cfg = load_config(args.config, args.overrides)
+    for path in model_figures(cfg, args.checkpoint, args.out, trial=args.trial):
+        print(f"wrote {path}")
+    return 0
+
+
+def _cmd_report(args: argparse.Namespace) -> int:
+    from dist_reid.viz.report import write_report
+
+    for path in write_report(args.run):
+        print(f"wrote {path}")
+    return 0
+
+
+def _cmd_export(args: argparse.Namespace) -> int:
+    from dist_reid.config import load_config
+    from dist_reid.engine.export import export_onnx
+
+    if not (args.checkpoint or args.untrained):
+        raise ValueError("export needs --checkpoint (or --untrained for random weights)")
+    cfg = load_config(args.config, args.overrides)
+    for modality, info in export_onnx(cfg, args.checkpoint, args.out).items():
+        print(f"wrote {info['file']} ({modality}; max |onnx - eager| = {info['max_abs_diff']:.2e})")
+    return 0
+
+
 def _cmd_config(args: argparse.Namespace) -> int:
     from dist_reid.config import load_config, to_yaml
 
@@ -151,6 +202,14 @@ def _cmd_config(args: argparse.Namespace) -> int:
 def _cmd_bench(args: argparse.Namespace) -> int:
     if args.suite == "eval":
         from dist_reid.bench.eval_speed import main as suite
+    elif args.suite == "loader":
+        from dist_reid.bench.loader import main as suite
+    elif args.suite == "methods":
+        from dist_reid.bench.methods import main as suite
+    elif args.suite in ("train", "scaling"):
+        from dist_reid.bench.train import main as bench_train
+
+        return bench_train(args.rest, suite=args.suite) or 0
     else:
         from dist_reid.bench.kernels import main as suite
     return suite(args.rest) or 0
@@ -209,12 +268,55 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--processes", type=int, default=2, help="local training processes")
     p.set_defaults(func=_cmd_demo)
 
+    p = sub.add_parser("tune", help="a Ray Tune sweep from a YAML search space")
+    p.add_argument("--config", "-c", required=True, help="sweep file (configs/tune/*.yaml)")
+    p.add_argument(
+        "--resume",
+        action="store_true",
+        help="restore an interrupted sweep (finished trials are kept)",
+    )
+    p.add_argument(
+        "overrides", nargs="*", help="dotted overrides of the sweep file, e.g. num_samples=2"
+    )
+    p.set_defaults(func=_cmd_tune)
+
+    p = sub.add_parser(
+        "plot", help="figures: distances, t-SNE, ranked galleries, Grad-CAM; or compare CMC curves"
+    )
+    _config_args(p)
+    p.add_argument("--checkpoint")
+    p.add_argument("--untrained", action="store_true")
+    p.add_argument("--trial", type=int, default=0)
+    p.add_argument(
+        "--compare",
+        nargs="+",
+        type=Path,
+        help="run directories whose metrics.json CMC curves to overlay",
+    )
+    p.add_argument("--setting", help="with --compare: only this setting (e.g. all)")
+    p.add_argument("--out", type=Path, default=Path("runs/figures"))
+    p.set_defaults(func=_cmd_plot)
+
+    p = sub.add_parser("report", help="markdown + HTML report of a finished run directory")
+    p.add_argument("run", type=Path)
+    p.set_defaults(func=_cmd_report)
+
+    p = sub.add_parser(
+        "export",
+        help="ONNX export (dynamic batch, one graph per modality) + onnxruntime parity check",
+    )
+    _config_args(p)
+    p.add_argument("--checkpoint")
+    p.add_argument("--untrained", action="store_true")
+    p.add_argument("--out", type=Path, default=Path("runs/export"))
+    p.set_defaults(func=_cmd_export)
+
     p = sub.add_parser("config", help="print the fully resolved config")
     _config_args(p)
     p.set_defaults(func=_cmd_config)
 
     p = sub.add_parser("bench", help="benchmarks (JSON + markdown table)")
-    p.add_argument("suite", choices=("eval", "kernels"))
+    p.add_argument("suite", choices=("eval", "kernels", "loader", "methods", "train", "scaling"))
     p.add_argument(
         "rest",
         nargs=argparse.REMAINDER,

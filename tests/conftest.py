@@ -39,3 +39,67 @@ def synthetic_trees(
             generate(layout, root, num_ids, seed=7, images_per_camera=per_camera),
         )
     return trees
+
+
+@pytest.fixture
+def free_port():
+    """``free_port()`` -> a free loopback TCP port for a process group's rendezvous (call it once
+    per launch: two launches in one test must not share a port)."""
+    import socket
+
+    def pick() -> int:
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", 0))
+            return sock.getsockname()[1]
+
+    return pick
+
+
+@pytest.fixture
+def two_process_probe(tmp_path: Path, free_port):
+    """Run ``tests/integration/ddp_probe.py`` under ``accelerate launch`` on 2 CPU processes.
+
+    Returns both ranks' dumps (losses, flattened weights, batch size) after checking the launch
+    succeeded, both ranks saw a world of 2 and DDP kept their weights identical; with
+    ``loss_falls`` it also checks the mean of the last 3 losses is below that of the first 3.
+    """
+    import subprocess
+    import sys
+
+    repo = Path(__file__).resolve().parents[1]
+
+    def run(
+        config: str | Path, steps: int, overrides: list[str], loss_falls: bool = True
+    ) -> list[dict]:
+        env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+        command = [
+            sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+            "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+            "--main_process_port", str(free_port()),
+            str(repo / "tests/integration/ddp_probe.py"), str(config), str(tmp_path), str(steps), *overrides,
+        ]  # fmt: skip
+        proc = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in (0, 1)]
+        assert [r["world"] for r in ranks] == [2, 2]
+        torch.testing.assert_close(
+            ranks[0]["params"], ranks[1]["params"], rtol=0, atol=0
+        )  # DDP in sync
+        if loss_falls:
+            for r in ranks:
+                early, late = sum(r["losses"][:3]) / 3, sum(r["losses"][-3:]) / 3
+                assert late < early, r["losses"]
+        return ranks
+
+    return run
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """One intra-op thread for modules of tiny tensors: on a 2-core machine two torch threads
+    contend with each other (and with the Triton interpreter's OpenBLAS threads, which keep
+    spinning) and ran up to 10x slower."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)

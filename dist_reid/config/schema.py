@@ -80,7 +80,9 @@ class DataConfig:
     width: int = 144
     num_workers: int = 2
     trial: int = 1  # RegDB: which of the 10 splits (1..10) trains and evaluates a model
-    pipeline: str = "torch"
+    pipeline: str = "torch"  # torch | dali | auto (DALI when on a GPU and installed, else torch)
+    dali_cache: bool = False  # DALI: decode + resize each image once, augment every step
+    skip_corrupt: bool = False  # replace an unreadable image (same id + modality) with a warning
     augment: AugmentConfig = field(default_factory=AugmentConfig)
     synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)
 
@@ -94,7 +96,9 @@ class DataConfig:
         _require(self.num_workers >= 0, "data.num_workers", "must be >= 0")
         _require(1 <= self.trial <= 10, "data.trial", f"must be in 1..10, got {self.trial}")
         _require(
-            self.pipeline in ("torch",), "data.pipeline", f"must be 'torch', got {self.pipeline!r}"
+            self.pipeline in ("auto", "torch", "dali"),
+            "data.pipeline",
+            f"must be auto|torch|dali, got {self.pipeline!r}",
         )
 
 
@@ -127,8 +131,14 @@ class OptimConfig:
     warmup_epochs: int = 10  # linear warm-up lr*(e+1)/warmup
     milestones: tuple[int, ...] = (20, 50)
     gamma: float = 0.1
+    impl: str = "auto"  # auto | torch | apex (FusedAdam/FusedSGD when apex is importable)
 
     def __post_init__(self) -> None:
+        _require(
+            self.impl in ("auto", "torch", "apex"),
+            "optim.impl",
+            f"must be auto|torch|apex, got {self.impl!r}",
+        )
         _require(
             self.name in ("sgd", "adamw"),
             "optim.name",
@@ -162,14 +172,23 @@ class TrainConfig:
     max_steps: int = 0  # stop (and checkpoint) after this many optimiser steps; 0 = no cap
     checkpoint_every_steps: int = 0  # extra mid-epoch checkpoints; 0 = at epoch ends only
     tensorboard: bool = True
+    deepspeed_config: str | None = None  # DeepSpeed JSON (configs/deepspeed/) for backend deepspeed
+    sync_bn: bool = False  # BatchNorm -> SyncBatchNorm (CUDA only)
 
     def __post_init__(self) -> None:
         _require(self.epochs >= 0, "train.epochs", f"must be >= 0, got {self.epochs}")
         _require(
-            self.backend in ("accelerate",),
+            self.backend in ("accelerate", "deepspeed"),
             "train.backend",
-            f"must be 'accelerate', got {self.backend!r}",
+            f"must be 'accelerate' or 'deepspeed', got {self.backend!r}",
         )
+        _require(
+            self.backend != "deepspeed" or bool(self.deepspeed_config),
+            "train.deepspeed_config",
+            "must name a DeepSpeed JSON (e.g. configs/deepspeed/zero2_bf16.json) with backend deepspeed",
+        )
+        if self.mixed_precision in ("False", "false"):  # YAML reads a bare `no` as a boolean
+            object.__setattr__(self, "mixed_precision", "no")
         _require(
             self.mixed_precision in ("no", "bf16", "fp16"),
             "train.mixed_precision",
@@ -201,6 +220,11 @@ class EvalConfig:
     multi_shot: bool = False  # SYSU-MM01/LLCM: 10 gallery images per (id, camera) instead of 1
     llcm_transposed_v2i: bool = False  # DEEN's transposed VIS->IR variant (protocols.md 3.2)
     chance_draws: int = 5  # random-feature rankings averaged for the chance column
+    rerank: bool = False  # also report k-reciprocal re-ranked numbers (separately, labelled)
+    rerank_k1: int = 20
+    rerank_k2: int = 6
+    rerank_lambda: float = 0.3
+    query_expansion: int = 0  # k of average query expansion for the re-ranked report; 0 = off
 
     def __post_init__(self) -> None:
         _require(self.max_rank >= 1, "eval.max_rank", f"must be >= 1, got {self.max_rank}")

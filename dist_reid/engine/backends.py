@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import abc
 import contextlib
+import importlib
 import os
 from collections.abc import Iterator
 from typing import Any
@@ -154,7 +155,17 @@ class AccelerateBackend(TrainingBackend):
 
 
 def create_backend(name: str, **kwargs: Any) -> TrainingBackend:
+    from dist_reid.engine.preemption import isolate_elastic_restarts
+
+    isolate_elastic_restarts()  # before any process group exists (torchrun restarts)
+    if name == "deepspeed":
+        # Looked up by name: the subclass module imports this one, and deepspeed is an extra.
+        module = importlib.import_module("dist_reid.engine.deepspeed_backend")
+        return module.DeepSpeedBackend(config=kwargs.pop("deepspeed_config", None), **kwargs)
     if name == "accelerate":
+        # DeepSpeed-only options; accelerate clips through the loop's clip() call instead.
+        kwargs.pop("deepspeed_config", None)
+        kwargs.pop("grad_clip", None)
         return AccelerateBackend(**kwargs)
     raise ValueError(f"train.backend: unknown backend {name!r}")
 

@@ -7,6 +7,7 @@ import inspect
 import json
 import logging
 import time
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -17,13 +18,15 @@ from tqdm import tqdm
 
 from dist_reid.builders import augment_options, build_dataset, build_loss, build_model
 from dist_reid.config import ConfigError, ExperimentConfig, config_hash, save_config
-from dist_reid.data.pipeline import TorchTrainPipeline
+from dist_reid.data.pipeline import build_train_pipeline
 from dist_reid.data.records import Record
 from dist_reid.data.sampler import ModalityBalancedSampler
 from dist_reid.data.transforms import build_test_transform
 from dist_reid.engine.backends import TrainingBackend, create_backend, main_process_first
 from dist_reid.engine.checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from dist_reid.engine.evaluate import all_test_records
+from dist_reid.engine.fused import make_optimizer, maybe_sync_batchnorm
+from dist_reid.engine.preemption import Preempted, PreemptionHandler, inject_fault
 from dist_reid.evaluation.features import FeatureCache, extract_features
 from dist_reid.evaluation.protocols import run_protocol
 
@@ -43,11 +46,24 @@ class NonFiniteLossError(FloatingPointError):
 
 
 class Trainer:
-    def __init__(self, cfg: ExperimentConfig, backend: TrainingBackend | None = None) -> None:
+    def __init__(
+        self,
+        cfg: ExperimentConfig,
+        backend: TrainingBackend | None = None,
+        callbacks: Sequence[Callable[[Trainer, dict[str, Any]], None]] = (),
+    ) -> None:
+        """``callbacks`` run on every rank after each finished epoch (and its checkpoint) with
+        the epoch's record (``epoch``, ``seconds``, ``metrics`` when evaluated): the hook a
+        sweep driver uses to report, without the engine knowing about it."""
         self.cfg = cfg
+        self.callbacks = list(callbacks)
         t = cfg.train
         self.backend = backend or create_backend(
-            t.backend, mixed_precision=t.mixed_precision, grad_accum=t.grad_accum
+            t.backend,
+            mixed_precision=t.mixed_precision,
+            grad_accum=t.grad_accum,
+            deepspeed_config=t.deepspeed_config,
+            grad_clip=cfg.optim.grad_clip,
         )
         b = self.backend
         torch.manual_seed(cfg.run.seed)  # identical initial weights on every rank
@@ -67,7 +83,8 @@ class Trainer:
             rank=b.rank,
             seed=cfg.run.seed,
         )
-        self.pipeline = TorchTrainPipeline(
+        self.pipeline = build_train_pipeline(
+            cfg.data.pipeline,
             records,
             self.labels,
             self.sampler,
@@ -75,10 +92,17 @@ class Trainer:
             width=cfg.data.width,
             augment=augment_options(cfg),
             num_workers=cfg.data.num_workers,
-            pin_memory=torch.cuda.is_available(),
+            device=b.device,
             seed=cfg.run.seed,
+            dali_cache=cfg.data.dali_cache,
+            skip_corrupt=cfg.data.skip_corrupt,
+            # DALI writes the autocast dtype directly (its images feed the first conv only)
+            dtype={"fp16": torch.float16, "bf16": torch.bfloat16}.get(
+                t.mixed_precision, torch.float32
+            ),
         )
         model = build_model(cfg, num_classes=len(self.labels))
+        model = maybe_sync_batchnorm(model, t.sync_bn)
         if t.channels_last:
             model = model.to(memory_format=torch.channels_last)
         optimizer = self._optimizer(model)
@@ -126,15 +150,15 @@ class Trainer:
             }
             for name, (params, mult) in named.items()
         ]
-        if o.name == "sgd":
-            return torch.optim.SGD(
-                groups,
-                lr=cfg.train.lr,
-                momentum=o.momentum,
-                nesterov=o.nesterov,
-                weight_decay=cfg.train.weight_decay,
-            )
-        return torch.optim.AdamW(groups, lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
+        return make_optimizer(
+            o.name,
+            o.impl,
+            groups,
+            lr=cfg.train.lr,
+            weight_decay=cfg.train.weight_decay,
+            momentum=o.momentum,
+            nesterov=o.nesterov,
+        )
 
     # -- state -----------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
@@ -271,9 +295,12 @@ class Trainer:
             self.load(resume)
             log.info("resumed from %s at epoch %d step %d", resume, self.epoch, self.cursor)
         self.model.train()
+        self.preemption = PreemptionHandler().install()  # SIGUSR1/SIGTERM: checkpoint, exit 75
         stopped = False
         while self.epoch < t.epochs and not stopped:
             self.pipeline.set_epoch(self.epoch)
+            if hasattr(self.loss, "set_epoch"):  # epoch-gated terms (e.g. MIP's MSEL from epoch 10)
+                self.loss.set_epoch(self.epoch)
             steps = len(self.pipeline)
             bar = tqdm(
                 total=steps,
@@ -297,6 +324,12 @@ class Trainer:
                     )
                 if t.checkpoint_every_steps and self.global_step % t.checkpoint_every_steps == 0:
                     self.save("last.pt")
+                inject_fault(self.global_step, b.rank)  # no-op unless the test env var is set
+                if self.preemption.stop_requested(b):  # collective: all ranks stop together
+                    self.save("last.pt")
+                    self.preemption.uninstall()
+                    log.warning("preempted: checkpointed at step %d", self.global_step)
+                    raise Preempted(self.global_step)
                 if t.max_steps and self.global_step >= t.max_steps:
                     stopped = True
                     break
@@ -319,6 +352,8 @@ class Trainer:
             self.save("last.pt")
             if "metrics" in record and self._is_best(record) and b.is_main:
                 save_checkpoint(self.state_dict_light(), self.run_dir / "best.pt")
+            for callback in self.callbacks:
+                callback(self, record)
         return self.finish()
 
     def state_dict_light(self) -> dict[str, Any]:
@@ -336,6 +371,8 @@ class Trainer:
         )
 
     def finish(self) -> dict[str, Any]:
+        if getattr(self, "preemption", None) is not None:
+            self.preemption.uninstall()
         scored = [r for r in self.history if "metrics" in r]
         result: dict[str, Any] = {"epochs_done": self.epoch, "global_step": self.global_step}
         if scored:

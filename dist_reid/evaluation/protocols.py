@@ -50,6 +50,7 @@ class SettingReport:
     chance: list[dict[str, float]] = field(default_factory=list)  # per trial, random distances
     num_query: int = 0
     num_gallery: list[int] = field(default_factory=list)
+    cmc: list[list[float]] = field(default_factory=list)  # per trial, the whole curve
 
     def mean(self, rows: list[dict[str, float]] | None = None) -> dict[str, float]:
         rows = self.per_trial if rows is None else rows
@@ -79,6 +80,7 @@ class ProtocolReport:
                     "per_trial": s.per_trial,
                     "num_query": s.num_query,
                     "num_gallery": s.num_gallery,
+                    "cmc_mean": np.mean(np.asarray(s.cmc), axis=0).tolist() if s.cmc else [],
                 }
                 for s in self.settings
             },
@@ -116,10 +118,14 @@ def run_protocol(
     chance_draws: int = 0,
     seed: int = 0,
     on_trial: Callable[[str, int, dict[str, float]], None] | None = None,
+    distance: Callable[[np.ndarray, np.ndarray], np.ndarray] = cosine_distance,
+    label: str = "",
 ) -> ProtocolReport:
     """Evaluate ``features`` on every (setting, trial) of ``dataset``'s protocol.
 
-    ``chance_draws`` > 0 adds a chance column: the same query/gallery ranked by uniformly random
+    ``distance`` maps (query, gallery) features to distances (default: the reference's cosine;
+    re-ranking passes its own, with a ``label`` such as ``"+rerank"`` so it is never mistaken
+    for the plain numbers). ``chance_draws`` > 0 adds a chance column: the same query/gallery ranked by uniformly random
     distances, averaged over that many draws (seeded by ``seed``), so the table shows how far a
     model is above chance on exactly the galleries it was scored on.
     """
@@ -128,7 +134,7 @@ def run_protocol(
     report = ProtocolReport(dataset=dataset.name)
     rng = np.random.default_rng(seed)
     for setting in settings:
-        entry = SettingReport(setting=setting)
+        entry = SettingReport(setting=setting + label)
         for trial in trials:
             query, gallery = dataset.split(
                 setting, trial, multi_shot=multi_shot, transposed_v2i=transposed_v2i
@@ -137,7 +143,7 @@ def run_protocol(
             g_ids = np.array([r.pid for r in gallery])
             q_cams = np.array([r.cam for r in query])
             g_cams = np.array([r.cam for r in gallery])
-            distmat = cosine_distance(features(query, trial), features(gallery, trial))
+            distmat = distance(features(query, trial), features(gallery, trial))
             result = evaluate(
                 distmat,
                 q_ids,
@@ -150,6 +156,7 @@ def run_protocol(
             row = summarize_result(result)
             entry.trials.append(trial)
             entry.per_trial.append(row)
+            entry.cmc.append([float(v) for v in result.cmc])
             entry.num_query = len(query)
             entry.num_gallery.append(len(gallery))
             if chance_draws:

@@ -8,11 +8,19 @@ from torch import nn
 
 from dist_reid.models.agw import AGW
 from dist_reid.models.backbones import PooledBackbone
+from dist_reid.models.emif import EMIF
+from dist_reid.models.icre import ICRE
+from dist_reid.models.mip import MIP
+from dist_reid.models.pdm import PDM
 from dist_reid.registry import Registry
 
 MODELS: Registry[type[nn.Module]] = Registry("model")
 MODELS.register("agw")(AGW)
 MODELS.register("backbone")(PooledBackbone)
+MODELS.register("icre")(ICRE)
+MODELS.register("emif")(EMIF)
+MODELS.register("pdm")(PDM)
+MODELS.register("mip")(MIP)
 
 
 def create_model(name: str, **kwargs: Any) -> nn.Module:

@@ -7,7 +7,7 @@ import os
 import torch
 from torch import nn
 
-from dist_reid.models.layers import BNNeck, GeM
+from dist_reid.models.layers import BNNeck, GeM, backbone_head_groups
 from dist_reid.models.resnet import INFRARED, VISIBLE, TwoStreamResNet
 
 
@@ -44,12 +44,7 @@ class AGW(nn.Module):
     def lr_groups(self) -> dict[str, tuple[list[nn.Parameter], float]]:
         """Parameter groups with their lr multipliers: AGW trains BNNeck and classifier at the
         full lr and the backbone at 0.1x (``optim.lr_mults`` overrides by group name)."""
-        head = list(self.neck.parameters())
-        head_ids = {id(p) for p in head}
-        return {
-            "backbone": ([p for p in self.parameters() if id(p) not in head_ids], 0.1),
-            "head": (head, 1.0),
-        }
+        return backbone_head_groups(self, head=self.neck.parameters())
 
     def forward(self, images: torch.Tensor, modalities: torch.Tensor) -> dict[str, torch.Tensor]:
         features = self.pool(self.backbone(images, modalities))
@@ -59,6 +54,5 @@ class AGW(nn.Module):
     @torch.no_grad()
     def embed(self, images: torch.Tensor, modality: str) -> torch.Tensor:
         code = VISIBLE if modality == "visible" else INFRARED
-        modalities = torch.full((images.shape[0],), code, device=images.device)
-        features = self.pool(self.backbone(images, modalities))
+        features = self.pool(self.backbone.forward_modality(images, code))
         return self.neck.bn(features) if self.test_feature == "bn" else features

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+
 import torch
 from torch import nn
 
@@ -63,3 +65,22 @@ class BNNeck(nn.Module):
     def forward(self, features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         bn = self.bn(features)
         return bn, self.classifier(bn)
+
+
+def backbone_head_groups(
+    module: nn.Module,
+    *,
+    head: Iterable[nn.Parameter] | None = None,
+    backbone: Iterable[nn.Parameter] | None = None,
+    backbone_mult: float = 0.1,
+) -> dict[str, tuple[list[nn.Parameter], float]]:
+    """The two lr groups of the AGW-family recipes: ``{"backbone": (params, backbone_mult),
+    "head": (params, 1.0)}``. Name either side; every other parameter of ``module`` goes to the
+    other one."""
+    if (head is None) == (backbone is None):
+        raise ValueError("give exactly one of head= or backbone=")
+    named = list(head if head is not None else backbone)
+    ids = {id(p) for p in named}
+    rest = [p for p in module.parameters() if id(p) not in ids]
+    head_params, backbone_params = (named, rest) if head is not None else (rest, named)
+    return {"backbone": (backbone_params, backbone_mult), "head": (head_params, 1.0)}

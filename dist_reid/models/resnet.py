@@ -94,3 +94,9 @@ class TwoStreamResNet(nn.Module):
 
     def forward(self, images: torch.Tensor, modalities: torch.Tensor) -> torch.Tensor:
         return self.stages(self.stems(images, modalities))
+
+    def forward_modality(self, images: torch.Tensor, modality: int) -> torch.Tensor:
+        """All images of one modality: static routing (no data-dependent branch, so it traces
+        and exports)."""
+        stem = self.visible_stem if modality == VISIBLE else self.infrared_stem
+        return self.stages(stem(images))

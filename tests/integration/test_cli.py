@@ -168,3 +168,18 @@ def test_eval_needs_a_feature_source(sysu_root):
 def test_synth_refuses_to_overwrite(sysu_root, capsys):
     assert main(["synth", "--layout", "sysu", "--root", str(sysu_root), "--num-ids", "4"]) == 2
     assert "already exists" in capsys.readouterr().err
+
+
+def test_rerank_and_query_expansion_are_reported_apart(sysu_root, tmp_path):
+    overrides = [
+        *_overrides(sysu_root, tmp_path, "rr"),
+        "eval.rerank=true",
+        "eval.query_expansion=2",
+        "eval.rerank_k1=5",
+    ]
+    assert main(["eval", "-c", "configs/datasets/sysu.yaml", "--untrained", *overrides]) == 0
+    metrics = json.loads((tmp_path / "rr" / "metrics.json").read_text())
+    assert set(metrics["settings"]) == {"all", "indoor"}  # plain numbers untouched
+    post = metrics["post_processed"]["settings"]
+    assert set(post) == {"all+qe+rerank", "indoor+qe+rerank"}
+    assert post["all+qe+rerank"]["per_trial"] != metrics["settings"]["all"]["per_trial"]

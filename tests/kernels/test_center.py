@@ -18,14 +18,7 @@ BACKENDS = ("triton", "torch")
 TERMS = ("total", "hetero_triplet", "cross_modal", "center")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_torch_thread():
-    """The interpreter's numpy matmuls leave OpenBLAS threads spinning; torch ops competing with
-    them on a 2-core CI machine ran 10x slower. One torch thread avoids the contention."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(autouse=True)

@@ -65,6 +65,13 @@ FORBIDDEN = {
         "dist_reid.builders",
     ),
     "dist_reid.engine": ("dist_reid.cli", "dist_reid.tune"),
+    "dist_reid.viz": (
+        "dist_reid.config",
+        "dist_reid.engine",
+        "dist_reid.builders",
+        "dist_reid.cli",
+        "dist_reid.tune",
+    ),
     "reid_kernels": ("dist_reid",),
 }
 

@@ -3,17 +3,21 @@ RAM), torchvision v2 augmentation, per-sample seeds so a resumed run sees the sa
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Iterator, Sequence
 from typing import Protocol
 
 import numpy as np
 import torch
+from PIL import Image
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from dist_reid.data.augment import AugmentOptions, build_train_transform
-from dist_reid.data.images import load_rgb
+from dist_reid.data.images import ImageDecodeError, load_rgb
 from dist_reid.data.records import MODALITIES, Record
 from dist_reid.data.sampler import ModalityBalancedSampler
+
+log = logging.getLogger(__name__)
 
 
 class TrainPipeline(Protocol):
@@ -48,20 +52,60 @@ class SeededBatches(Sampler[list[tuple[int, int]]]):
 
 
 class TrainImages(Dataset):
-    """``dataset[(index, seed)]`` -> (augmented image, label, modality code, camera, index)."""
+    """``dataset[(index, seed)]`` -> (augmented image, label, modality code, camera, index).
 
-    def __init__(self, records: Sequence[Record], labels: dict[int, int], height: int, width: int, augment: AugmentOptions) -> None:
+    ``skip_corrupt``: an unreadable image is replaced (counted warning) by another image of the
+    same identity and modality, picked from the sample's seed; otherwise it raises
+    :class:`ImageDecodeError` naming the file.
+    """
+
+    def __init__(
+        self,
+        records: Sequence[Record],
+        labels: dict[int, int],
+        height: int,
+        width: int,
+        augment: AugmentOptions,
+        skip_corrupt: bool = False,
+    ) -> None:
         self.records = list(records)
         self.labels = labels
         self.transforms = {m: build_train_transform(height, width, m, augment) for m in MODALITIES}
+        self.skip_corrupt = skip_corrupt
+        self.skipped = 0  # per worker process
+        self.pools: dict[tuple[int, str], list[int]] = {}
+        for i, r in enumerate(self.records):
+            self.pools.setdefault((r.pid, r.modality), []).append(i)
+
+    def _load(self, index: int, seed: int) -> tuple[Image.Image, int]:
+        """(PIL image, index actually used): the replacement rule of ``skip_corrupt``."""
+        try:
+            return load_rgb(self.records[index].path), index
+        except ImageDecodeError as exc:
+            if not self.skip_corrupt:
+                raise
+            error = exc
+        r = self.records[index]
+        pool = [i for i in self.pools[(r.pid, r.modality)] if i != index]
+        rng = np.random.default_rng(seed + 1)
+        for other in rng.permutation(pool):
+            self.skipped += 1
+            log.warning("skipping corrupt image (%d so far in this worker): %s", self.skipped, error)
+            try:
+                return load_rgb(self.records[int(other)].path), int(other)
+            except ImageDecodeError as exc:
+                error = exc
+        raise ImageDecodeError(
+            f"cannot replace corrupt image {r.path}: identity {r.pid} has no other readable {r.modality} image"
+        )
 
     def __len__(self) -> int:
         return len(self.records)
 
     def __getitem__(self, item: tuple[int, int]) -> tuple[torch.Tensor, int, int, int, int]:
         index, seed = item
+        image, index = self._load(index, seed)
         record = self.records[index]
-        image = load_rgb(record.path)
         with torch.random.fork_rng(devices=[]):  # seed the transform without touching global RNG
             torch.manual_seed(seed)
             tensor = self.transforms[record.modality](image)
@@ -81,15 +125,16 @@ class TorchTrainPipeline:
         *,
         height: int,
         width: int,
-        augment: AugmentOptions = AugmentOptions(),
+        augment: AugmentOptions | None = None,
         num_workers: int = 2,
         pin_memory: bool = False,
         seed: int = 0,
+        skip_corrupt: bool = False,
     ) -> None:
         self.sampler = sampler
         self.batches = SeededBatches(sampler, seed)
         self.loader = DataLoader(
-            TrainImages(records, labels, height, width, augment),
+            TrainImages(records, labels, height, width, augment or AugmentOptions(), skip_corrupt),
             batch_sampler=self.batches,
             num_workers=num_workers,
             pin_memory=pin_memory,
