@@ -22,7 +22,9 @@ def training_curves(run_dir: str | Path, path: str | Path) -> Path | None:
     accumulator = EventAccumulator(str(events))
     accumulator.Reload()
     tags = [
-        t for t in accumulator.Tags().get("scalars", []) if t.startswith(("loss/", "lr", "eval/"))
+        t
+        for t in accumulator.Tags().get("scalars", [])
+        if t.startswith(("loss/", "lr")) or (t.startswith("eval/") and t.endswith(("/R1", "/mAP")))
     ]
     if not tags:
         return None
@@ -31,7 +33,8 @@ def training_curves(run_dir: str | Path, path: str | Path) -> Path | None:
     fig, axes = plt.subplots(len(tags), 1, figsize=(6, max(2.6, 1.8 * len(tags))), squeeze=False)
     for ax, tag in zip(axes[:, 0], tags, strict=True):
         points = accumulator.Scalars(tag)
-        ax.plot([p.step for p in points], [p.value for p in points])
+        # markers: an evaluation scalar may be a single point (one evaluated epoch)
+        ax.plot([p.step for p in points], [p.value for p in points], marker="o", markersize=2)
         ax.set_ylabel(tag, fontsize=7)
         ax.grid(alpha=0.3)
     axes[-1, 0].set_xlabel("step")

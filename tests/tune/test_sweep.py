@@ -140,7 +140,7 @@ def test_four_trial_sweep_writes_results_and_restore_reruns_nothing(synthetic_tr
         ray.shutdown()
 
 
-@pytest.mark.parametrize("name", ["icre_lambda_rho", "agw_lr_weight"])
+@pytest.mark.parametrize("name", ["icre_lambda_rho", "demo_icre_lambda_rho", "agw_lr_weight"])
 def test_shipped_sweeps_validate_and_route_overrides(name, synthetic_trees):
     root, _ = synthetic_trees["sysu"]
     spec = load_sweep(
