@@ -128,7 +128,8 @@ def run_sweep(
 
 
 def _row(spec: SweepSpec, result) -> dict[str, Any]:
-    row: dict[str, Any] = {"trial": Path(result.path).name if result.path else "?"}
+    trial_id = (result.metrics or {}).get("trial_id")
+    row: dict[str, Any] = {"trial": trial_id or (Path(result.path).name if result.path else "?")}
     row.update({key: (result.config or {}).get(key) for key in spec.search_space})
     frame = result.metrics_dataframe
     column = spec.metric
