@@ -1,6 +1,6 @@
 """Cross-modality re-id metrics (CMC, mAP, mINP), vectorised, equal to the community reference.
 
-Semantics follow ``/work/shared/design/protocols.md`` section 4 (the AGW / DEEN evaluation code):
+Semantics follow the community reference evaluation code (AGW / DEEN ``eval_metrics``):
 
 * Ranking: every row of the distance matrix is ordered by ``np.argsort(row)`` with numpy's
   default sort kind, the same call the reference makes, so ties are broken identically on the

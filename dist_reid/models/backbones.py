@@ -14,15 +14,25 @@ class PretrainedWeightsError(ValueError):
     """A ``model.pretrained`` file is missing or does not fit the backbone."""
 
 
+def _read_weights(path: Path, missing: Exception, unreadable: type[Exception], prefix: str):
+    """``torch.load(weights_only=True)`` on CPU; a missing or unreadable file is one error."""
+    if not path.is_file():
+        raise missing
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:
+        raise unreadable(f"{prefix}: {exc}") from None
+
+
 def load_local_weights(model: nn.Module, path: str | os.PathLike[str]) -> nn.Module:
     """Load a state dict from ``path`` (``weights_only=True``), ignoring classifier heads."""
     path = Path(path)
-    if not path.is_file():
-        raise PretrainedWeightsError(f"model.pretrained: weights file {path} does not exist")
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:
-        raise PretrainedWeightsError(f"model.pretrained: cannot read {path}: {exc}") from None
+    state = _read_weights(
+        path,
+        PretrainedWeightsError(f"model.pretrained: weights file {path} does not exist"),
+        PretrainedWeightsError,
+        f"model.pretrained: cannot read {path}",
+    )
     if isinstance(state, dict) and "state_dict" in state:
         state = state["state_dict"]
     if not isinstance(state, dict):
@@ -41,14 +51,12 @@ def load_model_weights(model: nn.Module, path: str | os.PathLike[str]) -> nn.Mod
     """Load a whole model's weights (a state dict, or a checkpoint dict with a "model" entry),
     strictly, with ``weights_only=True``; errors name the file."""
     path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"checkpoint {path} does not exist")
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:
-        raise ValueError(
-            f"checkpoint {path} is unreadable (truncated or not a torch file): {exc}"
-        ) from None
+    state = _read_weights(
+        path,
+        FileNotFoundError(f"checkpoint {path} does not exist"),
+        ValueError,
+        f"checkpoint {path} is unreadable (truncated or not a torch file)",
+    )
     if isinstance(state, dict) and isinstance(state.get("model"), dict):
         state = state["model"]
     try:

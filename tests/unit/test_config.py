@@ -26,7 +26,7 @@ def test_every_shipped_config_loads():
     )
     assert shipped
     for path in shipped:
-        overrides = ["data.root=/tmp/x"] if "base" in path.parts else []
+        overrides = ["data.root=/data/x"] if "base" in path.parts else []
         cfg = load_config(path, overrides)
         assert cfg.data.root
 
