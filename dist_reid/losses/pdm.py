@@ -18,6 +18,7 @@ from dist_reid.losses.identity import identity_loss
 CH_FORMS = ("code", "cosine")
 CPM_FORMS = ("code", "paper")
 DCS_FORMS = ("code", "paper")
+ORT_FORMS = ("released", "normalized")
 
 
 def _compact(labels: torch.Tensor) -> tuple[torch.Tensor, int]:
@@ -147,12 +148,18 @@ def dcs_loss(
     return pull + per_anchor.mean()
 
 
-def ort_loss(generated: list[torch.Tensor], normalize: bool = True) -> torch.Tensor:
+def ort_loss(generated: list[torch.Tensor], form: str = "released") -> torch.Tensor:
     """``sum_rows sum_{b<b'} <f_b, f_b'> / (S N)`` over the generated global features (DEEN's
-    orthogonality term; code only). ``normalize`` uses unit vectors (cosines)."""
+    orthogonality term; code only; ``S = 1 + len(generated)`` sets of N rows).
+
+    ``form="released"``: raw inner products, as the released code (at pre-BN feature scale the
+    term is hundreds of times larger than the cosine one). ``form="normalized"``: cosines.
+    """
+    if form not in ORT_FORMS:
+        raise ValueError(f"loss.options.ort_form must be one of {ORT_FORMS}, got {form!r}")
     if len(generated) < 2:
         return generated[0].sum() * 0.0 if generated else torch.zeros(())
-    feats = [F.normalize(g, dim=1) if normalize else g for g in generated]
+    feats = [F.normalize(g, dim=1) if form == "normalized" else g for g in generated]
     total = feats[0].new_zeros(())
     for i in range(len(feats)):
         for j in range(i + 1, len(feats)):
@@ -169,7 +176,8 @@ class PDMLoss(nn.Module):
       margin 0.2, ``cpm_form``);
     * ``ch``: ``ch_weight * ch_loss`` (code: 0.5 * 0.5 = 0.25, ``ch_form``);
     * ``dcs``: ``dcs_weight * dcs_loss`` on the pre-BN ``F`` (code: rho1 0.01, rho2 0.7);
-    * ``ort``: ``ort_weight * ort_loss`` (code: 0.01; 0 in the paper preset).
+    * ``ort``: ``ort_weight * ort_loss`` (code: 0.01, raw inner products ``ort_form="released"``;
+      0 in the paper preset).
     """
 
     def __init__(
@@ -188,7 +196,7 @@ class PDMLoss(nn.Module):
         rho2: float = 0.7,
         dcs_anchor_stride: int = 4,
         ort_weight: float = 0.01,
-        ort_normalize: bool = True,
+        ort_form: str = "released",
         label_smoothing: float = 0.0,
         kernels: str = "auto",
     ) -> None:
@@ -197,6 +205,7 @@ class PDMLoss(nn.Module):
             ("cpm_form", cpm_form, CPM_FORMS),
             ("ch_form", ch_form, CH_FORMS),
             ("dcs_form", dcs_form, DCS_FORMS),
+            ("ort_form", ort_form, ORT_FORMS),
         ):
             if value not in allowed:
                 raise ValueError(f"loss.options.{key} must be one of {allowed}, got {value!r}")
@@ -214,7 +223,7 @@ class PDMLoss(nn.Module):
         }
         self.margin, self.cpm_margin, self.cpm_form = margin, cpm_margin, cpm_form
         self.ch_form, self.dcs_form, self.rho1, self.rho2 = ch_form, dcs_form, rho1, rho2
-        self.dcs_anchor_stride, self.ort_normalize = dcs_anchor_stride, ort_normalize
+        self.dcs_anchor_stride, self.ort_form = dcs_anchor_stride, ort_form
         self.label_smoothing, self.kernels = label_smoothing, kernels
 
     def forward(
@@ -253,5 +262,5 @@ class PDMLoss(nn.Module):
             )
         if self.w["ort"] and sets > 2:
             generated = [glob[s * n : (s + 1) * n] for s in range(1, sets)]
-            terms["ort"] = self.w["ort"] * ort_loss(generated, self.ort_normalize)
+            terms["ort"] = self.w["ort"] * ort_loss(generated, self.ort_form)
         return terms

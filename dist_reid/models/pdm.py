@@ -20,6 +20,8 @@ from dist_reid.models.resnet import INFRARED, VISIBLE, TwoStreamResNet
 
 TEST_MODES = ("simple", "official")
 MFGM_VARIANTS = ("official", "paper")
+MFA_PNL_FORMS = ("released", "intended")
+MFGM_INITS = ("released", "ours")
 
 
 def _down(size: int) -> int:
@@ -63,7 +65,8 @@ class SimAM(nn.Module):
 
 class _CrossChannelNL(nn.Module):
     """DEEN's CNL: channel-affinity non-local from the shallower map into the deeper one.
-    The output BN starts at zero so the block starts as the identity on the deeper map."""
+    The (c, c) affinity is divided by c, as in the released code. The output BN starts at zero
+    so the block starts as the identity on the deeper map."""
 
     def __init__(self, high: int, low: int, downsample: bool) -> None:
         super().__init__()
@@ -80,17 +83,27 @@ class _CrossChannelNL(nn.Module):
         g = self.g(low).flatten(2)  # (b, c, n_low)
         theta = self.theta(high).flatten(2)  # (b, c, n_high)
         phi = self.phi(low).flatten(2)  # (b, c, n_high)
-        affinity = torch.bmm(theta, phi.transpose(1, 2)) / phi.shape[-1]  # (b, c, c)
+        affinity = torch.bmm(theta, phi.transpose(1, 2)) / c  # (b, c, c)
         y = torch.bmm(affinity, g).reshape(b, c, *low.shape[2:])
         return self.out(y) + high
 
 
 class _CrossPixelNL(nn.Module):
-    """DEEN's PNL: pixel-affinity non-local, deeper-map queries over shallower-map keys."""
+    """DEEN's PNL: pixel-affinity non-local, deeper-map queries over shallower-map keys.
 
-    def __init__(self, high: int, low: int, reduction: int = 2) -> None:
+    ``form="intended"``: tokens are the map positions, each a ``low // reduction``-channel vector.
+    ``form="released"`` (the released code): the ``low // reduction``-channel maps are read,
+    row-major, as ``low`` "channels" of ``positions * (low // reduction) / low`` entries, so
+    consecutive position blocks are folded into channels before the affinity; the result is
+    unfolded the same way.
+    """
+
+    def __init__(self, high: int, low: int, reduction: int = 2, form: str = "released") -> None:
         super().__init__()
+        if form not in MFA_PNL_FORMS:
+            raise ValueError(f"model.options.mfa_pnl must be one of {MFA_PNL_FORMS}, got {form!r}")
         inter = max(low // reduction, 1)
+        self.form, self.low, self.inter = form, low, inter
         self.g = nn.Conv2d(low, inter, 1)
         self.theta = nn.Conv2d(high, inter, 1)
         self.phi = nn.Conv2d(low, inter, 1)
@@ -98,23 +111,36 @@ class _CrossPixelNL(nn.Module):
         nn.init.zeros_(self.out[1].weight)
         nn.init.zeros_(self.out[1].bias)
 
+    def _tokens(self, x: torch.Tensor) -> torch.Tensor:
+        """(b, inter, h, w) -> (b, tokens, width) in the chosen layout."""
+        b = x.shape[0]
+        if self.form == "intended":
+            return x.flatten(2).transpose(1, 2)
+        if x[0].numel() % self.low:
+            raise ValueError(
+                "model.options.mfa_pnl=released folds a "
+                f"{tuple(x.shape[1:])} map into {self.low} channels, which does not divide it; "
+                "use another input size or mfa_pnl=intended"
+            )
+        return x.reshape(b, self.low, -1).transpose(1, 2)
+
     def forward(self, high: torch.Tensor, low: torch.Tensor) -> torch.Tensor:
         b = high.shape[0]
-        g = self.g(low).flatten(2).transpose(1, 2)  # (b, n_low, c')
-        theta = self.theta(high).flatten(2).transpose(1, 2)  # (b, n_high, c')
-        phi = self.phi(low).flatten(2)  # (b, c', n_low)
-        affinity = torch.bmm(theta, phi) / phi.shape[-1]  # (b, n_high, n_low)
-        y = torch.bmm(affinity, g).transpose(1, 2).reshape(b, -1, *high.shape[2:])
+        g = self._tokens(self.g(low))  # (b, t_low, d)
+        theta = self._tokens(self.theta(high))  # (b, t_high, d)
+        phi = self._tokens(self.phi(low)).transpose(1, 2)  # (b, d, t_low)
+        affinity = torch.bmm(theta, phi) / phi.shape[-1]  # (b, t_high, t_low)
+        y = torch.bmm(affinity, g).transpose(1, 2).reshape(b, self.inter, *high.shape[2:])
         return self.out(y) + high
 
 
 class MFA(nn.Module):
     """DEEN's multi-level feature aggregation (code only in PDM): CNL then PNL."""
 
-    def __init__(self, high: int, low: int, downsample: bool) -> None:
+    def __init__(self, high: int, low: int, downsample: bool, pnl: str = "released") -> None:
         super().__init__()
         self.cnl = _CrossChannelNL(high, low, downsample)
-        self.pnl = _CrossPixelNL(high, low)
+        self.pnl = _CrossPixelNL(high, low, form=pnl)
 
     def forward(self, high: torch.Tensor, low: torch.Tensor) -> torch.Tensor:
         return self.pnl(self.cnl(high, low), low)
@@ -137,9 +163,10 @@ class _ChannelAttention(nn.Module):
 
 
 class _SpatialAttention(nn.Module):
-    def __init__(self, kernel: int = 49) -> None:
+    def __init__(self, kernel: int = 49, bias: bool = False) -> None:
         super().__init__()
-        self.conv = nn.Conv2d(2, 1, kernel, padding=kernel // 2, bias=False)
+        # Input channels: (mean, max) over channels.
+        self.conv = nn.Conv2d(2, 1, kernel, padding=kernel // 2, bias=bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         pooled = torch.cat([x.mean(dim=1, keepdim=True), x.amax(dim=1, keepdim=True)], dim=1)
@@ -151,18 +178,36 @@ class MFGMBranch(nn.Module):
 
     ``variant="official"``: convs averaged, residual CBAM (channel then spatial), ReLU, 1x1 conv.
     ``variant="paper"``: convs summed, ``conv1x1(ReLU([CA(f) * f, SA(f) * f]))`` (concatenation).
+
+    ``init="released"`` (the released code): Kaiming-normal (fan-in) dilated and 1x1 convs, and
+    biases on the 1x1 conv and the spatial-attention conv; the generated maps start with about
+    the input's spread. ``init="ours"``: PyTorch's default init and no biases (maps start ~6x
+    smaller).
     """
 
-    def __init__(self, channels: int, variant: str = "official", sa_kernel: int = 49) -> None:
+    def __init__(
+        self,
+        channels: int,
+        variant: str = "official",
+        sa_kernel: int = 49,
+        init: str = "released",
+    ) -> None:
         super().__init__()
+        if init not in MFGM_INITS:
+            raise ValueError(f"model.options.mfgm_init must be one of {MFGM_INITS}, got {init!r}")
         mid = max(channels // 4, 1)
+        released = init == "released"
         self.variant = variant
         self.dilated = nn.ModuleList(
             nn.Conv2d(channels, mid, 3, padding=d, dilation=d, bias=False) for d in (1, 2, 3)
         )
         self.ca = _ChannelAttention(mid)
-        self.sa = _SpatialAttention(sa_kernel)
-        self.proj = nn.Conv2d(mid if variant == "official" else 2 * mid, channels, 1, bias=False)
+        self.sa = _SpatialAttention(sa_kernel, bias=released)
+        in_proj = mid if variant == "official" else 2 * mid
+        self.proj = nn.Conv2d(in_proj, channels, 1, bias=released)
+        if released:
+            for conv in (*self.dilated, self.proj):
+                nn.init.kaiming_normal_(conv.weight, a=0, mode="fan_in")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         outs = [conv(x) for conv in self.dilated]
@@ -211,6 +256,9 @@ class PDM(nn.Module):
     * ``mfgm_variant``: ``official`` (averaged convs, residual sequential CBAM) or ``paper``
       (summed convs, concatenated CA/SA); ``mfgm_branches`` (code: 2); ``mfgm_after``: 3
       (SYSU/LLCM: PLM on stage 4) or 2 (the code's RegDB variant: PLM on stage 3, no layer4);
+    * ``mfgm_init``: ``released`` (Kaiming convs, conv biases) or ``ours`` (PyTorch default);
+    * ``mfa_pnl``: ``released`` (the code's PNL, positions folded into channels) or ``intended``
+      (a true pixel non-local);
     * ``num_prototypes`` (m, paper: 10); ``dropout`` after MFGM (code: 0.01);
     * ``test_mode``: ``simple`` = BN(F_g) of the original set; ``official`` = the per-set
       L2-normalised BN(F_g) and BN(F) of all S sets, concatenated. The evaluator's cosine on
@@ -232,6 +280,8 @@ class PDM(nn.Module):
         mfgm_branches: int = 2,
         mfgm_after: int = 3,
         mfgm_variant: str = "official",
+        mfgm_init: str = "released",
+        mfa_pnl: str = "released",
         dropout: float = 0.01,
         phase_aug: bool = True,
         phase_weight: float = 0.8,
@@ -249,6 +299,12 @@ class PDM(nn.Module):
             raise ValueError(
                 f"model.options.mfgm_variant must be one of {MFGM_VARIANTS}, got {mfgm_variant!r}"
             )
+        for key, value, allowed in (
+            ("mfgm_init", mfgm_init, MFGM_INITS),
+            ("mfa_pnl", mfa_pnl, MFA_PNL_FORMS),
+        ):
+            if value not in allowed:
+                raise ValueError(f"model.options.{key} must be one of {allowed}, got {value!r}")
         if mfgm_after not in (2, 3):
             raise ValueError(f"model.options.mfgm_after must be 2 or 3, got {mfgm_after!r}")
         if num_prototypes < 1 or mfgm_branches < 0:
@@ -271,7 +327,7 @@ class PDM(nn.Module):
         # MFA after layer1..3 (after layer1..2 in the RegDB variant, which has no MFA3).
         self.mfa = (
             nn.ModuleList(
-                MFA(channels[i + 1], channels[i], downsample=i > 0)
+                MFA(channels[i + 1], channels[i], downsample=i > 0, pnl=mfa_pnl)
                 for i in range(self.num_stages - 1)
             )
             if mfa
@@ -279,7 +335,7 @@ class PDM(nn.Module):
         )
         gen_channels = channels[mfgm_after]
         self.mfgm = nn.ModuleList(
-            MFGMBranch(gen_channels, mfgm_variant) for _ in range(mfgm_branches)
+            MFGMBranch(gen_channels, mfgm_variant, init=mfgm_init) for _ in range(mfgm_branches)
         )
         self.dropout = nn.Dropout(dropout)
         out_channels = channels[self.num_stages]

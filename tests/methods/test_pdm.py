@@ -6,6 +6,7 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -17,7 +18,15 @@ from dist_reid.config.schema import ConfigError
 from dist_reid.losses import LOSSES
 from dist_reid.losses.pdm import PDMLoss, ch_loss, cpm_loss, dcs_loss, ort_loss
 from dist_reid.models import MODELS
-from dist_reid.models.pdm import PDM, PLM, SimAM, feature_map_size, phase_only
+from dist_reid.models.pdm import (
+    MFA,
+    PDM,
+    PLM,
+    MFGMBranch,
+    SimAM,
+    feature_map_size,
+    phase_only,
+)
 
 REPO = Path(__file__).resolve().parents[2]
 SIZE = (64, 32)
@@ -147,6 +156,220 @@ def test_plm_hand_computed():
     torch.testing.assert_close(local, torch.tensor([[[0.0, 2.0]]]))
 
 
+# -- fidelity to the released modules (model_pdm.py) -----------------------------------------
+# Recipe of the pinned figures below, run outside this project on the released module: every
+# parameter and buffer, in sorted order of the released state-dict names (num_batches_tracked
+# skipped), drawn from numpy default_rng(seed) as standard_normal(shape) * 0.2, BN running_var
+# as 0.5 + random(shape); inputs from default_rng(input_seed).standard_normal; eval mode; the
+# output's sum, norm and flat entries [0], [numel // 2], [-1].
+
+
+def _fill_from_released_names(module: torch.nn.Module, names: dict[str, str], seed: int) -> None:
+    rng = np.random.default_rng(seed)
+    state = module.state_dict()
+    for released in sorted(names):
+        ours = names[released]
+        shape = tuple(state[ours].shape)
+        if released.endswith("running_var"):
+            value = 0.5 + rng.random(shape)
+        else:
+            value = rng.standard_normal(shape) * 0.2
+        state[ours] = torch.tensor(value, dtype=torch.float32)
+    module.load_state_dict(state)
+
+
+def _mfa_names() -> dict[str, str]:
+    names = {}
+    for rel, ours in (("CNL", "cnl"), ("PNL", "pnl")):
+        for a, b in (("g", "g"), ("theta", "theta"), ("phi", "phi"), ("W.0", "out.0")):
+            for p in ("weight", "bias"):
+                names[f"{rel}.{a}.{p}"] = f"{ours}.{b}.{p}"
+        for p in ("weight", "bias", "running_mean", "running_var"):
+            names[f"{rel}.W.1.{p}"] = f"{ours}.out.1.{p}"
+    return names
+
+
+def _figures(t: torch.Tensor) -> list[float]:
+    flat = t.flatten()
+    return [
+        t.sum().item(),
+        t.norm().item(),
+        flat[0].item(),
+        flat[flat.numel() // 2].item(),
+        flat[-1].item(),
+    ]
+
+
+# Released MFA_block(high=32, low=16, flag) (CNL then PNL), params seed 10 + flag, inputs
+# x_h (2, 32, 6, 4) then x_l (2, 16, hl, wl) from one default_rng(20 + flag).
+RELEASED_MFA = {
+    # flag: (x_l size, CNL figures, PNL(x_h, x_l) figures, MFA figures)
+    0: (
+        (6, 4),
+        [
+            -129.6537628173828,
+            40.51335525512695,
+            -0.46506717801094055,
+            0.3024321496486664,
+            0.8738650679588318,
+        ],
+        [
+            -90.49566650390625,
+            41.19170379638672,
+            -0.3116645812988281,
+            0.5412606596946716,
+            0.4328494966030121,
+        ],
+        [
+            -95.23841857910156,
+            42.06474304199219,
+            -0.44644391536712646,
+            0.42107293009757996,
+            0.37451380491256714,
+        ],
+    ),
+    1: (
+        (12, 8),
+        [
+            22.45215606689453,
+            39.495506286621094,
+            0.2697436809539795,
+            0.04956187307834625,
+            -1.1649999618530273,
+        ],
+        [
+            -80.38252258300781,
+            38.43723678588867,
+            0.6175392270088196,
+            0.5062403082847595,
+            -1.0000743865966797,
+        ],
+        [
+            -65.89383697509766,
+            40.69490051269531,
+            0.5277850031852722,
+            0.331432580947876,
+            -1.2102450132369995,
+        ],
+    ),
+}
+
+
+@pytest.mark.parametrize("flag", [0, 1])
+def test_mfa_matches_the_released_block(flag):
+    low_size, cnl, pnl, mfa = RELEASED_MFA[flag]
+    rng = np.random.default_rng(20 + flag)
+    x_h = torch.tensor(rng.standard_normal((2, 32, 6, 4)), dtype=torch.float32)
+    x_l = torch.tensor(rng.standard_normal((2, 16, *low_size)), dtype=torch.float32)
+    outs = {}
+    for form in ("released", "intended"):
+        block = MFA(32, 16, downsample=bool(flag), pnl=form).eval()
+        _fill_from_released_names(block, _mfa_names(), 10 + flag)
+        with torch.no_grad():
+            outs[form] = (block.cnl(x_h, x_l), block.pnl(x_h, x_l), block(x_h, x_l))
+    close = lambda a, b: torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)  # noqa: E731
+    got = outs["released"]
+    close(_figures(got[0]), cnl)
+    close(_figures(got[1]), pnl)
+    close(_figures(got[2]), mfa)
+    # The intended pixel non-local is another function of the same weights.
+    assert abs(_figures(outs["intended"][1])[0] - pnl[0]) > 0.5
+
+
+def test_released_pnl_folds_positions_into_channels():
+    """Hand check of the fold: with identity-like 1x1 convs, 'channels' are position blocks."""
+    pnl = MFA(4, 4, downsample=False, pnl="released").pnl  # inter = 2, fold 2 maps into 4 rows
+    x = torch.randn(1, 2, 2, 2)  # (b, inter, h, w): 8 values -> 4 rows of 2
+    assert pnl._tokens(x).shape == (1, 2, 4)
+    torch.testing.assert_close(pnl._tokens(x)[0].T, x.reshape(4, 2))
+    with pytest.raises(ValueError, match="mfa_pnl=released"):
+        pnl._tokens(torch.randn(1, 2, 3, 1))  # 6 values do not fold into 4 rows
+
+
+# Released MFGM(64) (two branches FC1x/SC1, FC2x/SC2), params seed 30, input (2, 64, 6, 4) from
+# default_rng(31); figures of the two generated maps (out[2:4], out[4:6]).
+RELEASED_MFGM = [
+    [
+        83.87211608886719,
+        80.34033966064453,
+        0.3534740209579468,
+        1.7523164749145508,
+        0.905574381351471,
+    ],
+    [
+        -362.3049011230469,
+        82.38888549804688,
+        -2.1064915657043457,
+        -1.7227703332901,
+        1.3473283052444458,
+    ],
+]
+
+
+def _mfgm_names(branch: int) -> dict[str, str]:
+    k = branch + 1
+    return {
+        f"FC{k}1.weight": "dilated.0.weight",
+        f"FC{k}2.weight": "dilated.1.weight",
+        f"FC{k}3.weight": "dilated.2.weight",
+        f"SC{k}.ca.se.0.weight": "ca.mlp.0.weight",
+        f"SC{k}.ca.se.2.weight": "ca.mlp.2.weight",
+        f"SC{k}.sa.conv.weight": "sa.conv.weight",
+        f"SC{k}.sa.conv.bias": "sa.conv.bias",
+        f"FC{k}.weight": "proj.weight",
+        f"FC{k}.bias": "proj.bias",
+    }
+
+
+def test_mfgm_matches_the_released_module():
+    torch.manual_seed(0)
+    branches = [MFGMBranch(64, init="released").eval() for _ in range(2)]
+    # Both branches draw from one stream in the released name order (FC1*, FC2*, SC1*, SC2*).
+    rng = np.random.default_rng(30)
+    names = {**_mfgm_names(0), **_mfgm_names(1)}
+    states = [b.state_dict() for b in branches]
+    for released in sorted(names):
+        branch = 0 if released[2] == "1" else 1
+        state = states[branch]
+        value = rng.standard_normal(tuple(state[names[released]].shape)) * 0.2
+        tensor = torch.tensor(value, dtype=torch.float32)
+        if released.endswith("sa.conv.weight"):
+            tensor = tensor.flip(1)  # released input channels (max, mean); ours (mean, max)
+        state[names[released]] = tensor
+    for b, state in zip(branches, states, strict=True):
+        b.load_state_dict(state)
+    x = torch.tensor(np.random.default_rng(31).standard_normal((2, 64, 6, 4)), dtype=torch.float32)
+    with torch.no_grad():
+        for b, expected in zip(branches, RELEASED_MFGM, strict=True):
+            torch.testing.assert_close(_figures(b(x)), expected, rtol=1e-4, atol=1e-4)
+
+
+# Std of the released MFGM(256)'s two generated maps at init (torch.manual_seed(seed) before
+# building it, input default_rng(seed).standard_normal((2, 256, 24, 12)), eval mode), over
+# seeds 0..39: mean and sample sd. (MFGM(1024): mean 0.9378 over seeds 0..7, sd 0.0099.)
+RELEASED_MFGM_STD = (0.9388530492782593, 0.013662434663091366)
+
+
+def test_mfgm_generated_std_at_init_matches_the_released_statistic():
+    mean, sd = RELEASED_MFGM_STD
+    seeds = range(16)
+    band = 4 * sd / len(seeds) ** 0.5  # 4 standard errors of a 16-seed mean
+    stats = {}
+    for init in ("released", "ours"):
+        stds = []
+        for seed in seeds:
+            torch.manual_seed(seed)
+            branches = [MFGMBranch(256, init=init).eval() for _ in range(2)]
+            rng = np.random.default_rng(seed)
+            x = torch.tensor(rng.standard_normal((2, 256, 24, 12)), dtype=torch.float32)
+            with torch.no_grad():
+                stds.append(torch.cat([b(x) for b in branches]).std().item())
+        stats[init] = float(np.mean(stds))
+    assert abs(stats["released"] - mean) < band, (stats, mean, band)
+    assert stats["ours"] < (mean - band) / 3  # PyTorch's default init: maps start far smaller
+    assert MFGMBranch(8, init="ours").proj.bias is None
+
+
 # -- losses ------------------------------------------------------------------------------------
 def _cpm_inputs():
     labels = torch.tensor([0, 1, 0, 1])
@@ -203,8 +426,43 @@ def test_dcs_anchor_stride_differs_from_paper_form():
 
 def test_ort_loss_hand_computed():
     a, b = torch.tensor([[1.0, 0.0]]), torch.tensor([[2.0, 0.0]])
-    torch.testing.assert_close(ort_loss([a, b], normalize=True), torch.tensor(1 / 3))
-    torch.testing.assert_close(ort_loss([a * 3, b], normalize=False), torch.tensor(6 / 3))
+    torch.testing.assert_close(ort_loss([a, b], form="normalized"), torch.tensor(1 / 3))
+    torch.testing.assert_close(ort_loss([a * 3, b], form="released"), torch.tensor(6 / 3))
+    with pytest.raises(ValueError, match="ort_form"):
+        ort_loss([a, b], form="cosine")
+
+
+# Reference figures of the released L_ort: the lines of `embed_net.forward` (model_pdm.py,
+# training branch) run outside this project on xp = rows of [original; generated 1; generated 2]
+# (3N rows, viewed (3N, C, 1, 1)), float64, from numpy default_rng(seed):
+# seed 0 and 1: rng.random((3 * 64, 2048)) (non-negative, norm ~26: pre-BN pooled features);
+# seed 2: rng.standard_normal((3 * 5, 7)). "grad" is the norm of d loss / d xp over all rows.
+RELEASED_ORT = [
+    # (seed, n, c, kind, released loss, grad norm, cosine form)
+    (0, 64, 2048, "uniform", 170.59674369402242, 1.540210683913481, 0.2497213260217077),
+    (1, 64, 2048, "uniform", 170.31125708534532, 1.5384854882335308, 0.2498675535387954),
+    (2, 5, 7, "normal", 0.04047955799866719, 0.5232691835073598, -0.006725094046370354),
+]
+
+
+@pytest.mark.parametrize("seed, n, c, kind, value, grad_norm, cosine", RELEASED_ORT)
+def test_ort_loss_matches_the_released_figures(seed, n, c, kind, value, grad_norm, cosine):
+    rng = np.random.default_rng(seed)
+    a = rng.random((3 * n, c)) if kind == "uniform" else rng.standard_normal((3 * n, c))
+    x = torch.tensor(a, dtype=torch.float64, requires_grad=True)
+    loss = ort_loss([x[n : 2 * n], x[2 * n :]], form="released")
+    loss.backward()
+    torch.testing.assert_close(loss.item(), value, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(x.grad.norm().item(), grad_norm, rtol=1e-12, atol=1e-12)
+    normalized = ort_loss([x[n : 2 * n], x[2 * n :]], form="normalized")
+    torch.testing.assert_close(normalized.item(), cosine, rtol=1e-12, atol=1e-12)
+    # Through the loss module: the official default is the released form.
+    glob = x.detach()
+    out = {"global": glob, "feature": glob}
+    terms = PDMLoss(
+        id_weight=0, triplet_weight=0, cpm_weight=0, ch_weight=0, dcs_weight=0, kernels="torch"
+    )(out, torch.arange(n), torch.zeros(n, dtype=torch.long))
+    torch.testing.assert_close(terms["ort"].item(), 0.01 * value, rtol=1e-12, atol=1e-12)
 
 
 def test_loss_terms_gradcheck_float64():
@@ -277,6 +535,7 @@ def test_pdm_loss_assembles_weighted_terms():
         ({"cpm_form": "x"}, "cpm_form"),
         ({"ch_form": "x"}, "ch_form"),
         ({"dcs_form": "x"}, "dcs_form"),
+        ({"ort_form": "x"}, "ort_form"),
     ],
 )
 def test_bad_loss_options_name_the_key(options, key):
@@ -287,6 +546,10 @@ def test_bad_loss_options_name_the_key(options, key):
 def test_bad_model_option_names_the_key():
     with pytest.raises(ValueError, match="test_mode"):
         tiny(test_mode="fast")
+    with pytest.raises(ValueError, match="mfgm_init"):
+        tiny(mfgm_init="kaiming")
+    with pytest.raises(ValueError, match="mfa_pnl"):
+        tiny(mfa_pnl="paper")
     cfg = load_config(REPO / "configs/sysu/pdm.yaml", ["data.root=x", "model.options.prototypes=3"])
     with pytest.raises(ConfigError, match=r"model\.options\.prototypes"):
         build_model(cfg, num_classes=3)
@@ -311,7 +574,10 @@ def test_configs_use_the_official_preset(dataset):
     assert cfg.model.options["phase_aug"] and cfg.model.options["mfa"]
     assert cfg.model.options["mfgm_after"] == (2 if dataset == "regdb" else 3)
     loss = build_loss(cfg)
-    assert loss.cpm_form == "code" and loss.w["ort"] == 0.01
+    assert loss.cpm_form == "code" and loss.w["ort"] == 0.01 and loss.ort_form == "released"
+    model = build_model(cfg, num_classes=3)
+    assert model.mfgm[0].proj.bias is not None and model.mfgm[0].sa.conv.bias is not None
+    assert {blk.pnl.form for blk in model.mfa} == {"released"}
 
 
 def test_paper_preset_turns_the_code_extras_off(tmp_path):
@@ -323,6 +589,8 @@ def test_paper_preset_turns_the_code_extras_off(tmp_path):
     o = cfg.model.options
     assert not (o["phase_aug"] or o["sna"] or o["mfa"]) and o["mfgm_variant"] == "paper"
     assert cfg.loss.options["ort_weight"] == 0.0 and cfg.train.epochs == 150
+    # No init in the paper: the code's; MFA and L_ort are off, their forms inert.
+    assert o["mfgm_init"] == "released" and cfg.loss.options["ort_form"] == "normalized"
 
 
 @pytest.mark.slow
