@@ -414,7 +414,7 @@ def test_schedule_edges_follow_the_released_formula():
         lr_schedule("cosine", 3, 0.1, warmup_epochs=0)
 
 
-@pytest.mark.filterwarnings("ignore:Detected call of `lr_scheduler.step()`")
+@pytest.mark.filterwarnings("ignore:Detected call of `lr_scheduler.step")
 def test_trainer_schedules_each_group_as_released_and_resumes_it(synthetic_trees, tmp_path):
     from dist_reid.engine.trainer import Trainer
 
