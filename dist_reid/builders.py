@@ -111,6 +111,24 @@ def build_loss(cfg: ExperimentConfig) -> nn.Module:
     return _call(factory, "loss", kwargs)
 
 
+def schedule_options(cfg: ExperimentConfig) -> dict:
+    """``optim`` -> the keywords of :mod:`dist_reid.engine.schedules` (``schedule`` first)."""
+    o = cfg.optim
+    options: dict = {
+        "schedule": o.schedule,
+        "warmup_epochs": o.warmup_epochs,
+    }
+    if o.schedule == "step":
+        return options | {"milestones": tuple(o.milestones), "gamma": o.gamma}
+    return options | {
+        "cycle_epochs": o.cycle_epochs,
+        "cycle_decay": o.cycle_decay,
+        "cycle_limit": o.cycle_limit,
+        "min_lr_factor": o.min_lr_factor,
+        "warmup_init_factor": o.warmup_init_factor,
+    }
+
+
 def augment_options(cfg: ExperimentConfig) -> AugmentOptions:
     a = cfg.data.augment
     return AugmentOptions(

@@ -195,7 +195,20 @@ def _cmd_export(args: argparse.Namespace) -> int:
 def _cmd_config(args: argparse.Namespace) -> int:
     from dist_reid.config import load_config, to_yaml
 
-    print(to_yaml(load_config(args.config, args.overrides)), end="")
+    cfg = load_config(args.config, args.overrides)
+    if args.lr_schedule:
+        import json
+
+        from dist_reid.builders import schedule_options
+        from dist_reid.engine.schedules import lr_schedule
+
+        print(
+            json.dumps(
+                lr_schedule(epochs=cfg.train.epochs, lr=cfg.train.lr, **schedule_options(cfg))
+            )
+        )
+        return 0
+    print(to_yaml(cfg), end="")
     return 0
 
 
@@ -313,6 +326,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("config", help="print the fully resolved config")
     _config_args(p)
+    p.add_argument(
+        "--lr-schedule",
+        action="store_true",
+        help="print instead a JSON list of train.epochs values: the base lr (train.lr, a group "
+        "with lr multiplier 1) in force during each epoch, epoch 0 first; every schedule "
+        "changes the lr once per epoch, so it holds for all of that epoch's steps",
+    )
     p.set_defaults(func=_cmd_config)
 
     p = sub.add_parser("bench", help="benchmarks (JSON + markdown table)")

@@ -132,6 +132,14 @@ class OptimConfig:
     milestones: tuple[int, ...] = (20, 50)
     gamma: float = 0.1
     impl: str = "auto"  # auto | torch | apex (FusedAdam/FusedSGD when apex is importable)
+    # step (warm-up + milestones, AGW) | cosine_refine (MIP's released cosine with restarts);
+    # the cycle_* / *_factor keys are cosine_refine's (released factory values by default).
+    schedule: str = "step"
+    cycle_epochs: int = 30  # restart period (released COSINE_EPOCHS)
+    cycle_decay: float = 0.1  # each restart's peak and floor x this
+    cycle_limit: int = 10  # after this many cycles the lr stays at the floor; 0 = never
+    min_lr_factor: float = 0.002  # floor = this * train.lr (released MIN_INDEX)
+    warmup_init_factor: float = 0.01  # warm-up starts at this * train.lr
 
     def __post_init__(self) -> None:
         _require(
@@ -150,6 +158,15 @@ class OptimConfig:
             "optim.milestones",
             "must be ascending",
         )
+        _require(
+            self.schedule in ("step", "cosine_refine"),
+            "optim.schedule",
+            f"must be step|cosine_refine, got {self.schedule!r}",
+        )
+        _require(self.cycle_epochs >= 1, "optim.cycle_epochs", "must be >= 1")
+        _require(self.cycle_limit >= 0, "optim.cycle_limit", "must be >= 0 (0 = no limit)")
+        _require(self.min_lr_factor >= 0, "optim.min_lr_factor", "must be >= 0")
+        _require(self.warmup_init_factor >= 0, "optim.warmup_init_factor", "must be >= 0")
 
 
 @dataclass(frozen=True)

@@ -16,7 +16,13 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from dist_reid.builders import augment_options, build_dataset, build_loss, build_model
+from dist_reid.builders import (
+    augment_options,
+    build_dataset,
+    build_loss,
+    build_model,
+    schedule_options,
+)
 from dist_reid.config import ConfigError, ExperimentConfig, config_hash, save_config
 from dist_reid.data.pipeline import build_train_pipeline
 from dist_reid.data.records import Record
@@ -27,6 +33,7 @@ from dist_reid.engine.checkpoint import load_checkpoint, rng_state, save_checkpo
 from dist_reid.engine.evaluate import all_test_records
 from dist_reid.engine.fused import make_optimizer, maybe_sync_batchnorm
 from dist_reid.engine.preemption import Preempted, PreemptionHandler, inject_fault
+from dist_reid.engine.schedules import lr_lambdas, step_factor
 from dist_reid.evaluation.features import FeatureCache, extract_features
 from dist_reid.evaluation.protocols import run_protocol
 
@@ -34,11 +41,7 @@ log = logging.getLogger(__name__)
 SELECTION_METRIC = "mAP"
 
 
-def lr_factor(epoch: int, warmup_epochs: int, milestones: tuple[int, ...], gamma: float) -> float:
-    """AGW's per-epoch schedule: linear warm-up ``(e+1)/warmup``, then ``gamma`` per milestone."""
-    if epoch < warmup_epochs:
-        return (epoch + 1) / warmup_epochs
-    return gamma ** sum(epoch >= m for m in milestones)
+lr_factor = step_factor  # AGW's per-epoch factor (the ``step`` schedule), kept under its old name
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -106,9 +109,15 @@ class Trainer:
         if t.channels_last:
             model = model.to(memory_format=torch.channels_last)
         optimizer = self._optimizer(model)
+        # Stepped once per epoch (as both schedules are in their released code); one factor per
+        # group because cosine_refine's warm-up start and floor are absolute, not per-multiplier.
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             optimizer,
-            lambda e: lr_factor(e, cfg.optim.warmup_epochs, cfg.optim.milestones, cfg.optim.gamma),
+            lr_lambdas(
+                base_lrs=[g["lr"] for g in optimizer.param_groups],
+                ref_lr=cfg.train.lr,
+                **schedule_options(cfg),
+            ),
         )
         self.model, self.optimizer = b.prepare(model, optimizer)
         self.forward = torch.compile(self.model) if t.compile else self.model
@@ -299,7 +308,7 @@ class Trainer:
         stopped = False
         while self.epoch < t.epochs and not stopped:
             self.pipeline.set_epoch(self.epoch)
-            if hasattr(self.loss, "set_epoch"):  # epoch-gated terms (e.g. MIP's MSEL from epoch 10)
+            if hasattr(self.loss, "set_epoch"):  # epoch-gated terms (e.g. MIP's MSEL)
                 self.loss.set_epoch(self.epoch)
             steps = len(self.pipeline)
             bar = tqdm(

@@ -43,8 +43,9 @@ class MIPLoss(nn.Module):
     * ``id``: ``id_weight * (0.5 CE(global) + 0.5 mean_k CE(local_k))`` (no label smoothing);
     * ``tri``: the same weighting of batch-hard triplets on pre-BN features, soft margin
       (``margin: null``, code ``NO_MARGIN=True``) or a hinge margin;
-    * ``msel``: ``msel_weight * (MSEL(global) + mean_k MSEL(local_k))`` (code: 0.25), only from
-      epoch ``msel_start_epoch`` (10); the trainer reports the epoch through ``set_epoch``;
+    * ``msel``: ``msel_weight * (MSEL(global) + mean_k MSEL(local_k))`` (code: 0.25), from the
+      ``msel_start_epoch``-th epoch counted from 1, as the released ``MSEL_EPOCH`` (10: on from
+      0-based epoch 9); the trainer reports the 0-based epoch through ``set_epoch``;
     * ``iael``: ``iael_weight * mean_l CE(iael_logits_l)`` (code: 0.5) when the model has the IAEL
       head (``model.options.iael``; released script: off).
     """
@@ -71,8 +72,13 @@ class MIPLoss(nn.Module):
         self.epoch = 0
 
     def set_epoch(self, epoch: int) -> None:
-        """Called by the trainer at each epoch start (MSEL starts at ``msel_start_epoch``)."""
+        """Called by the trainer at each epoch start with the 0-based epoch."""
         self.epoch = epoch
+
+    @property
+    def msel_on(self) -> bool:
+        """The released loop counts epochs from 1 and adds MSEL when ``epoch >= MSEL_EPOCH``."""
+        return self.epoch + 1 >= self.msel_start_epoch
 
     def _split(self, outputs: dict[str, torch.Tensor], fn, g: float) -> torch.Tensor:
         """``g * fn(global) + (1 - g) * mean_k fn(local_k)`` (just ``fn(global)`` without JPM)."""
@@ -100,7 +106,7 @@ class MIPLoss(nn.Module):
                 lambda f, z: triplet_mining_loss(f, labels, self.margin, "hard", backend=k),
                 self.global_weight,
             )
-        if self.msel_weight and self.epoch >= self.msel_start_epoch:
+        if self.msel_weight and self.msel_on:
             # The code weights global and mean-local MSEL equally (0.25 each): 2 * (0.5, 0.5).
             msel = 2 * self._split(outputs, lambda f, z: msel_loss(f, labels, modalities, k), 0.5)
             terms["msel"] = self.msel_weight * msel

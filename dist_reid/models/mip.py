@@ -28,6 +28,7 @@ from dist_reid.models.resnet import INFRARED, VISIBLE
 QUERY_MODES = ("zero", "learnable")
 TEST_FEATURES = ("before", "after")
 IAEL_POOLS = ("block", "mean")
+JPM_SHIFT_FORMS = ("released", "paper")
 
 
 def patch_grid(input_size: Sequence[int], patch: int, stride: int) -> tuple[int, int]:
@@ -53,15 +54,39 @@ def resize_pos_embed(pos: torch.Tensor, grid: tuple[int, int], prefix: int = 1) 
 
 
 def jpm_groups(
-    patches: torch.Tensor, shift: int, shuffle_groups: int, parts: int
+    patches: torch.Tensor, shift: int, shuffle_groups: int, parts: int, form: str = "released"
 ) -> list[torch.Tensor]:
-    """TransReID's jigsaw patch module: roll the patch tokens by ``shift``, interleave them into
-    ``shuffle_groups`` groups, then cut into ``parts`` equal slices (trailing tokens dropped)."""
+    """TransReID's jigsaw patch module: roll the patch tokens, interleave them into
+    ``shuffle_groups`` groups, then cut into ``parts`` equal slices.
+
+    ``form``: ``released`` (the released ``shuffle_unit``, which slices the CLS-prefixed sequence
+    from ``shift``, so the patches roll by ``shift - 1``; a token count not divisible by the
+    groups is padded with the rolled sequence's second-to-last token; slices of ``n // parts``)
+    or ``paper`` (roll by ``shift``; trailing tokens that do not fill a group are dropped).
+    """
+    if form not in JPM_SHIFT_FORMS:
+        raise ValueError(
+            f"model.options.jpm_shift_form must be one of {JPM_SHIFT_FORMS}, got {form!r}"
+        )
     b, n, d = patches.shape
-    x = torch.roll(patches, shifts=-shift, dims=1)
-    usable = (n // shuffle_groups) * shuffle_groups
-    x = x[:, :usable].reshape(b, shuffle_groups, -1, d).transpose(1, 2).reshape(b, usable, d)
-    size = usable // parts
+    if form == "released":
+        if shift < 1:
+            raise ValueError(
+                f"model.options.jpm_shift must be >= 1 with the released form, got {shift}"
+            )
+        x = torch.roll(patches, shifts=-(shift - 1), dims=1)
+        if n % shuffle_groups:
+            x = torch.cat([x, x[:, -2:-1]], dim=1)
+        if x.shape[1] % shuffle_groups:
+            raise ValueError(
+                f"{n} patch tokens (+1 pad) do not split into {shuffle_groups} JPM shuffle groups"
+            )
+        usable, size = x.shape[1], n // parts
+    else:
+        x = torch.roll(patches, shifts=-shift, dims=1)
+        usable = (n // shuffle_groups) * shuffle_groups
+        x, size = x[:, :usable], usable // parts
+    x = x.reshape(b, shuffle_groups, -1, d).transpose(1, 2).reshape(b, usable, d)
     if size < 1:
         raise ValueError(f"{n} patch tokens cannot be cut into {parts} JPM parts")
     return [x[:, k * size : (k + 1) * size] for k in range(parts)]
@@ -82,7 +107,8 @@ class MIP(nn.Module):
     * ``instance_prompts`` (16; 0 disables the generator), ``ipg_queries``: ``zero`` (code
       default, ``BUG_REFINE=False``) or ``learnable`` (paper);
     * ``skip_block`` (code: block depth-2 is never run; False runs it without prompts);
-    * ``jpm`` with ``jpm_parts`` (4), ``jpm_shift`` (5), ``jpm_groups`` (2);
+    * ``jpm`` with ``jpm_parts`` (4), ``jpm_shift`` (5), ``jpm_groups`` (2) and
+      ``jpm_shift_form``: ``released`` (the code's roll by ``shift - 1``) or ``paper`` (``shift``);
     * ``iael`` (paper figure: on; released script: off) with ``iael_pool`` ``block`` (a copy of
       the last block over ``[0; prompts]``) or ``mean``;
     * ``test_feature``: ``before`` (code: pre-BN ``[global, local/parts...]``) or ``after`` (BN).
@@ -114,6 +140,7 @@ class MIP(nn.Module):
         jpm_parts: int = 4,
         jpm_shift: int = 5,
         jpm_groups: int = 2,
+        jpm_shift_form: str = "released",
         iael: bool = False,
         iael_pool: str = "block",
         test_feature: str = "before",
@@ -123,6 +150,7 @@ class MIP(nn.Module):
             ("ipg_queries", ipg_queries, QUERY_MODES),
             ("test_feature", test_feature, TEST_FEATURES),
             ("iael_pool", iael_pool, IAEL_POOLS),
+            ("jpm_shift_form", jpm_shift_form, JPM_SHIFT_FORMS),
         ):
             if value not in allowed:
                 raise ValueError(f"model.options.{key} must be one of {allowed}, got {value!r}")
@@ -132,6 +160,10 @@ class MIP(nn.Module):
             )
         if num_cameras < 1:
             raise ValueError(f"model.options.num_cameras must be >= 1, got {num_cameras}")
+        if jpm and jpm_shift_form == "released" and jpm_shift < 1:
+            raise ValueError(
+                f"model.options.jpm_shift must be >= 1 with jpm_shift_form=released, got {jpm_shift}"
+            )
         self.input_size = (int(input_size[0]), int(input_size[1]))
         self.grid = patch_grid(self.input_size, patch_size, stride)
         vit = timm.create_model(
@@ -176,6 +208,7 @@ class MIP(nn.Module):
             nn.Sequential(copy.deepcopy(last), copy.deepcopy(vit.norm)) if jpm else None
         )
         self.parts, self.shift, self.shuffle = jpm_parts, jpm_shift, jpm_groups
+        self.shift_form = jpm_shift_form
         self.num_modality = modality_prompts
         if modality_prompts:
             bound = 0.0625 * prompt_scale
@@ -276,7 +309,7 @@ class MIP(nn.Module):
         if not self.jpm:
             return glob, None
         cls = x[:, :1]
-        parts = jpm_groups(x[:, 1:], self.shift, self.shuffle, self.parts)
+        parts = jpm_groups(x[:, 1:], self.shift, self.shuffle, self.parts, self.shift_form)
         local = torch.stack([self.head_local(torch.cat([cls, p], dim=1))[:, 0] for p in parts], 1)
         return glob, local
 

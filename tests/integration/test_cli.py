@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -183,3 +184,36 @@ def test_rerank_and_query_expansion_are_reported_apart(sysu_root, tmp_path):
     post = metrics["post_processed"]["settings"]
     assert set(post) == {"all+qe+rerank", "indoor+qe+rerank"}
     assert post["all+qe+rerank"]["per_trial"] != metrics["settings"]["all"]["per_trial"]
+
+
+CONFIGS = Path(__file__).resolve().parents[2] / "configs"
+
+
+def _lr_schedule(capsys, config: Path, *overrides: str) -> list[float]:
+    assert main(["config", "-c", str(config), "--lr-schedule", *overrides]) == 0
+    return json.loads(capsys.readouterr().out)
+
+
+def test_config_lr_schedule_prints_the_per_epoch_lr(capsys):
+    # MIP: the released cosine-refine scheduler for train.sh (BASE_LR 0.01, 80 epochs,
+    # COSINE_EPOCHS 30, MIN_INDEX 1e-5), stepped at the start of released epochs 1..80 (these are
+    # our 0-based epochs 0, 4, 28, 29, 79) and summed over the 80 epochs.
+    mip = _lr_schedule(capsys, CONFIGS / "sysu/mip.yaml")
+    assert len(mip) == 80
+    released = {0: 0.00208, 4: 0.009330133717652005, 28: 2.749024925340141e-05, 29: 0.001}
+    released[79] = 2.5000750000000013e-05
+    for epoch, lr in released.items():
+        assert mip[epoch] == pytest.approx(lr, rel=1e-12), epoch
+    assert sum(mip) == pytest.approx(0.1429908544848035, rel=1e-12)
+    # AGW's released adjust_learning_rate: lr (e+1)/10 for e < 10, lr to 20, 0.1 lr to 50, then 0.01
+    agw = _lr_schedule(capsys, CONFIGS / "sysu/agw.yaml")
+    formula = [
+        0.1 * ((e + 1) / 10 if e < 10 else 1 if e < 20 else 0.1 if e < 50 else 0.01)
+        for e in range(81)
+    ]
+    assert agw == pytest.approx(formula, rel=1e-12)
+    # every paper config prints one value per epoch; overrides apply
+    for path in sorted(CONFIGS.glob("*/*.yaml")):
+        if path.parent.name in ("sysu", "regdb", "llcm", "experiments"):
+            lrs = _lr_schedule(capsys, path, "train.epochs=7")
+            assert len(lrs) == 7 and all(lr > 0 for lr in lrs), path

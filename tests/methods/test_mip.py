@@ -3,6 +3,7 @@ gradcheck, configs, and a 2-process training run on synthetic data."""
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import pytest
@@ -10,8 +11,9 @@ import torch
 import torch.nn.functional as F
 from reid_kernels import triplet_mining_loss_reference
 
-from dist_reid.builders import build_loss, build_model
+from dist_reid.builders import build_loss, build_model, schedule_options
 from dist_reid.config import load_config
+from dist_reid.engine.schedules import cosine_refine_lr, lr_schedule
 from dist_reid.losses import LOSSES
 from dist_reid.losses.mip import MIPLoss, msel_loss
 from dist_reid.models import MODELS
@@ -49,9 +51,49 @@ def test_patch_grid_and_position_embedding_resize():
 
 def test_jpm_groups_hand_computed():
     x = torch.arange(8, dtype=torch.float32).reshape(1, 8, 1)
-    parts = jpm_groups(x, shift=2, shuffle_groups=2, parts=2)
+    parts = jpm_groups(x, shift=2, shuffle_groups=2, parts=2, form="paper")
     # roll by 2: 2..7,0,1; two groups [2,3,4,5] [6,7,0,1] interleaved: 2,6,3,7,4,0,5,1
     assert [p.flatten().tolist() for p in parts] == [[2, 6, 3, 7], [4, 0, 5, 1]]
+
+
+def _token_parts(n: int, shift: int, groups: int, form: str = "released") -> list[list[int]]:
+    # patch tokens valued by their index in the CLS-prefixed sequence (CLS = 0): 1..n
+    x = torch.arange(1, n + 1, dtype=torch.float32).reshape(1, n, 1)
+    return [p.flatten().long().tolist() for p in jpm_groups(x, shift, groups, 4, form)]
+
+
+@pytest.mark.parametrize(
+    "n, shift, groups, expected",
+    [
+        (8, 2, 2, [[2, 6], [3, 7], [4, 8], [5, 1]]),
+        (9, 5, 2, [[5, 1], [6, 2], [7, 3], [8, 4]]),  # odd: padded with a copy of token 3
+        (12, 5, 3, [[5, 9, 1], [6, 10, 2], [7, 11, 3], [8, 12, 4]]),
+    ],
+)
+def test_jpm_released_shift_matches_the_released_shuffle_unit(n, shift, groups, expected):
+    # Figures from the released model/make_model.py shuffle_unit(features, shift, group) (begin=1)
+    # on torch.arange(1 + n).reshape(1, 1 + n, 1), sliced into 4 parts of n // 4 tokens.
+    assert _token_parts(n, shift, groups) == expected
+
+
+def test_jpm_released_shift_on_the_real_grid():
+    # Released shuffle_unit, 21 x 10 = 210 patch tokens (+ CLS), SHIFT_NUM 5, SHUFFLE_GROUP 2:
+    # the sequence starts 5, 110, 6, 111 and ends 105, 210, 106, 1, 107, 2, 108, 3, 109, 4; each of
+    # the 4 parts has 52 tokens, part k starting at tokens 5 + 26k, 110 + 26k.
+    parts = _token_parts(210, 5, 2)
+    assert [len(p) for p in parts] == [52] * 4
+    assert [p[:4] for p in parts] == [
+        [5 + 26 * k, 110 + 26 * k, 6 + 26 * k, 111 + 26 * k] for k in range(4)
+    ]
+    assert parts[3][-8:] == [105, 210, 106, 1, 107, 2, 108, 3]  # 109 and 4 fall past 4 x 52
+    paper = _token_parts(210, 5, 2, "paper")  # roll by 5: starts 6, 111
+    assert paper[0][:2] == [6, 111]
+    assert all(a != b for a, b in zip(parts, paper, strict=True))  # no part is the same
+    with pytest.raises(ValueError, match="jpm_shift_form"):
+        _token_parts(8, 2, 2, "shifted")
+    with pytest.raises(ValueError, match="jpm_shift"):
+        tiny(jpm_shift=0)
+    assert tiny().shift_form == "released" and tiny(jpm_shift_form="paper").shift_form == "paper"
 
 
 def test_forward_shapes_train_and_test():
@@ -216,6 +258,20 @@ def test_loss_terms_match_the_code_weighting():
     assert "iael" not in loss(_outputs(), LABELS, MODS)
 
 
+def test_msel_starts_at_the_released_epoch():
+    # Released processor.do_train: `for epoch in range(1, epochs + 1)` and MSEL is added when
+    # `cfg.MODEL.MSEL and epoch >= cfg.MODEL.MSEL_EPOCH`; train.sh: MAX_EPOCHS 80, MSEL_EPOCH 10.
+    cfg = load_config(REPO / "configs/sysu/mip.yaml", ["data.root=x"])
+    assert cfg.train.epochs == 80
+    loss, out = build_loss(cfg), _outputs()
+    on = []
+    for epoch in range(cfg.train.epochs):  # ours, 0-based; the released loop's epoch is + 1
+        loss.set_epoch(epoch)
+        on.append("msel" in loss(out, LABELS, MODS))
+    released = [e >= 10 for e in range(1, 81)]
+    assert on == released and on.index(True) == 9
+
+
 def test_loss_gradcheck_float64():
     # CE is torch's own (and identity_loss computes it in fp32): check the metric terms.
     fixed = _outputs(1)
@@ -288,3 +344,112 @@ def test_iael_switch_through_the_config():
     out = model(torch.randn(8, 3, 64, 32), MODS, CAMS)
     terms = build_loss(cfg)(out, LABELS, MODS)
     assert "iael" in terms and terms["iael"] > 0
+
+
+# -- lr schedule -------------------------------------------------------------------------------
+# Figures from the released solver (scheduler_factory.create_scheduler, SCHEDULER 'cosine-refine',
+# i.e. timm-style CosineLRScheduler) for train.sh's SOLVER (BASE_LR 0.01, MAX_EPOCHS 80,
+# COSINE_EPOCHS 30, MIN_INDEX 1e-5, WARMUP_EPOCHS 5 by default), stepped as do_train does
+# (`scheduler.step(epoch)` at the start of epochs 1..80); keys are our 0-based epochs.
+RELEASED_LR = {
+    0: 0.00208,
+    1: 0.00406,
+    4: 0.009330133717652005,
+    5: 0.009045094521025018,
+    10: 0.007033712878546849,
+    28: 2.749024925340141e-05,
+    29: 0.001,
+    30: 0.0009972609750746597,
+    31: 0.0009890739096288991,
+    59: 0.00010000000000000002,
+    60: 9.9726097507466e-05,
+    79: 2.5000750000000013e-05,
+}
+RELEASED_LR_SUM = 0.1429908544848035  # over the 80 epochs
+# Per optimiser group of the released make_optimizer (base 1x, bias 2x, IPLR 15x, MPLR 5x).
+RELEASED_GROUP_LR = {
+    0: {"base": 0.00208, "bias": 0.00408, "ipg": 0.03008, "prompts": 0.010079999999999999},
+    28: {
+        "base": 2.749024925340141e-05,
+        "bias": 5.488077241203441e-05,
+        "ipg": 0.00041095757347426335,
+        "prompts": 0.00013705234188793338,
+    },
+    29: {"base": 0.001, "bias": 0.002, "ipg": 0.015, "prompts": 0.005000000000000001},
+}
+
+
+def _preset_lrs(dataset: str = "sysu") -> list[float]:
+    cfg = load_config(REPO / f"configs/{dataset}/mip.yaml", ["data.root=x"])
+    return lr_schedule(epochs=cfg.train.epochs, lr=cfg.train.lr, **schedule_options(cfg))
+
+
+def test_schedule_is_the_released_cosine_refine():
+    lrs = _preset_lrs()
+    assert len(lrs) == 80
+    for epoch, lr in RELEASED_LR.items():
+        assert lrs[epoch] == pytest.approx(lr, rel=1e-12, abs=0), epoch
+    assert sum(lrs) == pytest.approx(RELEASED_LR_SUM, rel=1e-12)
+    # The former step envelope (warm-up 5, x0.1 at 30 and 60) had 2.18x the integrated lr and
+    # 1e-2 where the released cosine has reached 2.75e-5 (released epoch 29, our 28).
+    envelope = [
+        0.01 * ((e + 1) / 5 if e < 5 else 0.1 ** ((e >= 30) + (e >= 60))) for e in range(80)
+    ]
+    assert sum(envelope) / RELEASED_LR_SUM == pytest.approx(2.182, abs=1e-3)
+    assert envelope[28] == 0.01
+    # RegDB (BASE_LR 0.008): every value scales with the base lr (released run: sum 0.11439...).
+    assert sum(_preset_lrs("regdb")) == pytest.approx(0.11439268358784284, rel=1e-12)
+
+
+def test_schedule_edges_follow_the_released_formula():
+    # after cycle_limit cycles: the undecayed floor min_lr_factor * lr
+    assert (
+        cosine_refine_lr(2 * 3 - 1, 1.0, 1.0, cycle_epochs=3, cycle_limit=2, min_lr_factor=0.1)
+        == 0.1
+    )
+    # no warm-up: epoch 0 is t = 1 of the first cosine
+    lr = cosine_refine_lr(0, 1.0, 1.0, warmup_epochs=0, cycle_epochs=4, min_lr_factor=0.0)
+    assert lr == pytest.approx(0.5 * (1 + math.cos(math.pi / 4)))
+    with pytest.raises(ValueError, match=r"optim\.schedule"):
+        lr_schedule("cosine", 3, 0.1, warmup_epochs=0)
+
+
+@pytest.mark.filterwarnings("ignore:Detected call of `lr_scheduler.step")
+def test_trainer_schedules_each_group_as_released_and_resumes_it(synthetic_trees, tmp_path):
+    from dist_reid.engine.trainer import Trainer
+
+    root, _ = synthetic_trees["sysu"]
+    tiny_opts = [f"model.options.{k}={v}" for k, v in TINY.items()]
+    overrides = [
+        f"data.root={root}",
+        f"run.output_dir={tmp_path}",
+        "data.height=64",
+        "data.width=32",
+        "data.num_workers=0",
+        "train.tensorboard=false",
+        "model.options.ipg_queries=learnable",
+        *tiny_opts,
+    ]
+    cfg = load_config(REPO / "configs/sysu/mip.yaml", overrides)
+    trainer = Trainer(cfg)
+
+    def lrs(t: Trainer) -> dict[str, float]:
+        return {g["name"]: g["lr"] for g in t.optimizer.param_groups}
+
+    def check(got: dict[str, float], epoch: int) -> None:
+        for name, lr in RELEASED_GROUP_LR[epoch].items():
+            assert got[name] == pytest.approx(lr, rel=1e-12), (epoch, name)
+
+    check(lrs(trainer), 0)
+    for _ in range(28):
+        trainer.scheduler.step()  # what fit() does at each epoch end
+    trainer.epoch = 28
+    check(lrs(trainer), 28)
+    path = trainer.save("last.pt")
+    resumed = Trainer(cfg)
+    resumed.load(path)
+    assert lrs(resumed) == lrs(trainer)
+    trainer.scheduler.step()
+    resumed.scheduler.step()
+    check(lrs(resumed), 29)
+    assert lrs(resumed) == lrs(trainer)

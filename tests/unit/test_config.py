@@ -69,6 +69,26 @@ def test_value_checks_name_the_key():
         load_config(None, ["data.root=/x", "train.lr=0"])
 
 
+def test_schedule_keys_are_checked_and_presets_pick_theirs():
+    with pytest.raises(ConfigError, match=r"optim\.schedule: must be step\|cosine_refine"):
+        load_config(None, ["data.root=/x", "optim.schedule=cosine"])
+    with pytest.raises(ConfigError, match=r"optim\.cycle_epochs: must be >= 1"):
+        load_config(None, ["data.root=/x", "optim.cycle_epochs=0"])
+    with pytest.raises(ConfigError, match=r"optim\.min_lr_factor: must be >= 0"):
+        load_config(None, ["data.root=/x", "optim.min_lr_factor=-1"])
+    assert load_config(None, ["data.root=/x"]).optim.schedule == "step"
+    for dataset in ("sysu", "regdb", "llcm"):
+        mip = load_config(CONFIGS / dataset / "mip.yaml", ["data.root=/x"]).optim
+        # train.sh: SCHEDULER cosine-refine, COSINE_EPOCHS 30, MIN_INDEX 1e-5; default WARMUP_EPOCHS
+        # 5; the factory's decay_rate 0.1, cycle_limit 10, warm-up start 0.01 * BASE_LR
+        assert (mip.schedule, mip.cycle_epochs, mip.min_lr_factor, mip.warmup_epochs) == (
+            "cosine_refine", 30, 1e-5, 5,
+        )  # fmt: skip
+        assert (mip.cycle_decay, mip.cycle_limit, mip.warmup_init_factor) == (0.1, 10, 0.01)
+        agw = load_config(CONFIGS / dataset / "agw.yaml", ["data.root=/x"]).optim
+        assert agw.schedule == "step"
+
+
 def test_base_cycle_and_missing_base_are_clear(tmp_path):
     _write(tmp_path / "a.yaml", "_base_: b.yaml\n")
     _write(tmp_path / "b.yaml", "_base_: a.yaml\n")
