@@ -16,7 +16,13 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from dist_reid.builders import augment_options, build_dataset, build_loss, build_model
+from dist_reid.builders import (
+    augment_options,
+    build_dataset,
+    build_loss,
+    build_model,
+    check_pretrained,
+)
 from dist_reid.config import ConfigError, ExperimentConfig, config_hash, save_config
 from dist_reid.data.pipeline import build_train_pipeline
 from dist_reid.data.records import Record
@@ -66,6 +72,7 @@ class Trainer:
             grad_clip=cfg.optim.grad_clip,
         )
         b = self.backend
+        check_pretrained(cfg, warn=b.is_main)  # offline without cached weights: fail before data
         torch.manual_seed(cfg.run.seed)  # identical initial weights on every rank
         self.run_dir = Path(cfg.run.output_dir) / cfg.run.name
         with main_process_first(b):
