@@ -185,6 +185,13 @@ def test_offline_empty_cache_is_one_line_and_exit_2_before_any_data(tmp_path):
     assert "dist-reid weights fetch --backbone resnet50" in lines[0]
     assert "does not exist" not in proc.stderr  # the data root was never opened
     assert not (tmp_path / "runs").exists()
+    # Once the file is in HF_HOME's cache, the offline CLI finds it there (no download).
+    path = put_in_hub_cache(tmp_path / "hf" / "hub", "resnet18.a1_in1k", {"x": torch.zeros(1)})
+    proc = subprocess.run(
+        [sys.executable, "-m", "dist_reid", "weights", "fetch", "--backbone", "resnet18"],
+        cwd=REPO, env=env, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert proc.returncode == 0 and proc.stdout.strip().endswith(f"-> {path}"), proc.stderr
 
 
 def test_demo_checks_weights_before_generating_data(hub, tmp_path, capsys):
