@@ -14,6 +14,7 @@ from dist_reid.data.datasets import VIReIDDataset, open_dataset
 from dist_reid.data.synthetic.layouts import generate
 from dist_reid.losses import LOSSES
 from dist_reid.models import MODELS
+from dist_reid.models.pretrained import IMAGENET, require_imagenet_weights
 
 log = logging.getLogger(__name__)
 
@@ -79,15 +80,33 @@ def check_options(cfg: ExperimentConfig) -> None:
                 )
 
 
-def build_model(cfg: ExperimentConfig, num_classes: int | None = None) -> nn.Module:
-    """The model named by ``model.name`` with its options (``num_classes`` for trained heads)."""
+def check_pretrained(cfg: ExperimentConfig, *, warn: bool = True) -> None:
+    """Before any data is read: ``imagenet`` weights must be cached when offline
+    (``WeightsUnavailableError``, one line naming the tag and the fetch command); random init on
+    a real dataset is worth a warning."""
+    if cfg.model.pretrained == IMAGENET:
+        require_imagenet_weights(cfg.model.backbone)
+    elif warn and cfg.model.pretrained is None and not cfg.data.synthetic.enabled:
+        log.warning(
+            "model.pretrained is null: the backbone starts from random weights; on %s results "
+            "will be far below the papers (they start from ImageNet: model.pretrained=imagenet)",
+            cfg.data.dataset,
+        )
+
+
+def build_model(
+    cfg: ExperimentConfig, num_classes: int | None = None, *, pretrained: bool = True
+) -> nn.Module:
+    """The model named by ``model.name`` with its options (``num_classes`` for trained heads).
+    ``pretrained=False`` skips ``model.pretrained`` (random init), for models whose weights
+    come from a checkpoint next."""
     try:
         factory = MODELS.get(cfg.model.name)
     except KeyError as exc:
         raise ConfigError(f"model.name: {exc.args[0]}") from None
     kwargs = {
         "backbone": cfg.model.backbone,
-        "pretrained": cfg.model.pretrained,
+        "pretrained": cfg.model.pretrained if pretrained else None,
         **cfg.model.options,
     }
     if "num_classes" in inspect.signature(factory).parameters:

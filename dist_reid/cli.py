@@ -1,4 +1,4 @@
-"""``dist-reid`` command line: synth, eval, extract, demo, bench, config."""
+"""``dist-reid`` command line: synth, eval, extract, demo, bench, config, weights."""
 
 from __future__ import annotations
 
@@ -75,11 +75,13 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     on the full protocol beside the chance level."""
     import subprocess
 
-    from dist_reid.builders import ensure_synthetic
+    from dist_reid.builders import check_pretrained, ensure_synthetic
     from dist_reid.config import load_config
     from dist_reid.engine.evaluate import run_evaluation
 
     cfg = load_config(args.config, args.overrides)
+    if cfg.train.epochs:
+        check_pretrained(cfg)  # offline without cached weights: fail before generating data
     ensure_synthetic(cfg)
     if cfg.train.epochs == 0:
         run_evaluation(cfg, untrained=True)
@@ -116,7 +118,7 @@ def _cmd_extract(args: argparse.Namespace) -> int:
 
     cfg = load_config(args.config, args.overrides)
     dataset = build_dataset(cfg)
-    model = build_model(cfg, dataset.num_train_ids)
+    model = build_model(cfg, dataset.num_train_ids, pretrained=False)  # checkpoint or untrained
     if args.checkpoint:
         load_model_weights(model, args.checkpoint)
     elif not args.untrained:
@@ -209,6 +211,29 @@ def _cmd_config(args: argparse.Namespace) -> int:
         )
         return 0
     print(to_yaml(cfg), end="")
+    return 0
+
+
+def _cmd_weights(args: argparse.Namespace) -> int:
+    """Download (or find) a backbone's ImageNet weights in the Hugging Face cache."""
+    from dist_reid.models.pretrained import IMAGENET, fetch_weights
+
+    if args.backbone:
+        backbone = args.backbone
+    else:
+        from dist_reid.config import load_config
+
+        if not args.config:
+            raise ValueError("weights fetch needs -c CONFIG or --backbone NAME")
+        cfg = load_config(args.config, args.overrides)
+        if cfg.model.pretrained != IMAGENET:
+            raise ValueError(
+                f"{args.config}: model.pretrained is {cfg.model.pretrained!r}, not imagenet: "
+                "nothing to fetch"
+            )
+        backbone = cfg.model.backbone
+    tag, path = fetch_weights(backbone)
+    print(f"{backbone}: {tag} -> {path}")
     return 0
 
 
@@ -335,6 +360,18 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.set_defaults(func=_cmd_config)
 
+    p = sub.add_parser(
+        "weights",
+        help="fetch ImageNet weights into the Hugging Face cache (login node) and print where",
+    )
+    actions = p.add_subparsers(dest="action", required=True)
+    fetch = actions.add_parser(
+        "fetch", help="download the weights model.pretrained: imagenet resolves to; print the file"
+    )
+    _config_args(fetch)
+    fetch.add_argument("--backbone", help="a backbone name instead of -c CONFIG, e.g. resnet50")
+    fetch.set_defaults(func=_cmd_weights)
+
     p = sub.add_parser("bench", help="benchmarks (JSON + markdown table)")
     p.add_argument("suite", choices=("eval", "kernels", "loader", "methods", "train", "scaling"))
     p.add_argument(
@@ -352,7 +389,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         level=logging.DEBUG if args.verbose else logging.INFO,
         format="%(levelname)s %(name)s: %(message)s",
     )
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")  # weights come from local files only
+    if args.command != "weights":  # only 'weights fetch' may download; the rest read the cache
+        os.environ.setdefault("HF_HUB_OFFLINE", "1")
     try:
         return args.func(args)
     except USER_ERRORS as exc:

@@ -142,7 +142,7 @@ def bench_method(
 
     cfg = load_config(str(config), list(overrides))
     torch.manual_seed(0)
-    model = build_model(cfg, num_classes=num_classes)
+    model = build_model(cfg, num_classes=num_classes, pretrained=False)  # speed only
     loss_fn = build_loss(cfg)
     h, w = cfg.data.height, cfg.data.width
     row: dict[str, Any] = {

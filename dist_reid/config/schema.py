@@ -106,11 +106,18 @@ class DataConfig:
 class ModelConfig:
     name: str = "backbone"  # a registered model: "backbone" (evaluation only), "agw", ...
     backbone: str = "resnet50"
-    pretrained: str | None = None  # a local weights file; None = random init (never a hub download)
+    # "imagenet" = the weights the released code loads (timm tag via the Hugging Face cache),
+    # a local weights file (weights_only), or None = random init.
+    pretrained: str | None = None
     options: dict[str, Any] = field(default_factory=dict)  # the method's own keyword arguments
 
     def __post_init__(self) -> None:
         _require(bool(self.backbone), "model.backbone", "must name a backbone")
+        _require(
+            self.pretrained is None or (isinstance(self.pretrained, str) and self.pretrained != ""),
+            "model.pretrained",
+            f"must be imagenet, a weights file or null, got {self.pretrained!r}",
+        )
 
 
 @dataclass(frozen=True)

@@ -50,7 +50,7 @@ def all_test_records(
 def model_features(
     cfg: ExperimentConfig, checkpoint: str | None, console: Console, num_classes: int
 ) -> FeatureCache:
-    model = build_model(cfg, num_classes)
+    model = build_model(cfg, num_classes, pretrained=False)  # checkpoint or untrained
     if checkpoint is not None:
         load_model_weights(model, checkpoint)
     transform = build_test_transform(cfg.data.height, cfg.data.width)

@@ -36,7 +36,7 @@ def export_onnx(
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     dataset = build_dataset(cfg)
-    model = build_model(cfg, dataset.num_train_ids)
+    model = build_model(cfg, dataset.num_train_ids, pretrained=False)  # checkpoint next
     if checkpoint:
         load_model_weights(model, checkpoint)
     model.eval()

@@ -37,7 +37,7 @@ def model_figures(
     """Distance histogram, t-SNE, ranked galleries and Grad-CAM of one trial of the protocol."""
     out = Path(out_dir)
     dataset = build_dataset(cfg)
-    model = build_model(cfg, dataset.num_train_ids)
+    model = build_model(cfg, dataset.num_train_ids, pretrained=False)  # checkpoint next
     if checkpoint:
         load_model_weights(model, checkpoint)
     transform = build_test_transform(cfg.data.height, cfg.data.width)

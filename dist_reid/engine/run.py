@@ -32,12 +32,17 @@ def build_parser() -> argparse.ArgumentParser:
 
 def train_main(argv: Sequence[str] | None = None) -> int:
     from dist_reid.engine.trainer import Trainer
+    from dist_reid.models.pretrained import WeightsUnavailableError
 
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     cfg = load_config(args.config, args.overrides)
-    trainer = Trainer(cfg)
+    try:
+        trainer = Trainer(cfg)  # checks model.pretrained before reading any data
+    except WeightsUnavailableError as exc:
+        print(f"train: error: {exc}", file=sys.stderr)
+        return 2
     resume = args.resume
     if resume == "auto":
         candidate = trainer.run_dir / "last.pt"

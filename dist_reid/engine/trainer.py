@@ -21,7 +21,11 @@ from dist_reid.builders import (
     build_dataset,
     build_loss,
     build_model,
+<<<<<<< HEAD
     schedule_options,
+=======
+    check_pretrained,
+>>>>>>> wip/weights
 )
 from dist_reid.config import ConfigError, ExperimentConfig, config_hash, save_config
 from dist_reid.data.pipeline import build_train_pipeline
@@ -69,6 +73,7 @@ class Trainer:
             grad_clip=cfg.optim.grad_clip,
         )
         b = self.backend
+        check_pretrained(cfg, warn=b.is_main)  # offline without cached weights: fail before data
         torch.manual_seed(cfg.run.seed)  # identical initial weights on every rank
         self.run_dir = Path(cfg.run.output_dir) / cfg.run.name
         with main_process_first(b):

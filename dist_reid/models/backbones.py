@@ -1,4 +1,4 @@
-"""Backbones by name (timm), with weights from a local file only."""
+"""Backbones by name (timm), initialised by ``model.pretrained`` (imagenet, a file or None)."""
 
 from __future__ import annotations
 
@@ -9,9 +9,19 @@ import timm
 import torch
 from torch import nn
 
+from dist_reid.models.pretrained import (
+    PretrainedWeightsError,
+    load_backbone_weights,
+    pretrained_state,
+)
 
-class PretrainedWeightsError(ValueError):
-    """A ``model.pretrained`` file is missing or does not fit the backbone."""
+__all__ = [
+    "PooledBackbone",
+    "PretrainedWeightsError",
+    "create_backbone",
+    "load_model_weights",
+    "load_pretrained",
+]
 
 
 def _read_weights(path: Path, missing: Exception, unreadable: type[Exception], prefix: str):
@@ -24,26 +34,14 @@ def _read_weights(path: Path, missing: Exception, unreadable: type[Exception], p
         raise unreadable(f"{prefix}: {exc}") from None
 
 
-def load_local_weights(model: nn.Module, path: str | os.PathLike[str]) -> nn.Module:
-    """Load a state dict from ``path`` (``weights_only=True``), ignoring classifier heads."""
-    path = Path(path)
-    state = _read_weights(
-        path,
-        PretrainedWeightsError(f"model.pretrained: weights file {path} does not exist"),
-        PretrainedWeightsError,
-        f"model.pretrained: cannot read {path}",
-    )
-    if isinstance(state, dict) and "state_dict" in state:
-        state = state["state_dict"]
-    if not isinstance(state, dict):
-        raise PretrainedWeightsError(f"model.pretrained: {path} does not hold a state dict")
-    own = model.state_dict()
-    usable = {k: v for k, v in state.items() if k in own and own[k].shape == v.shape}
-    if not usable:
-        raise PretrainedWeightsError(
-            f"model.pretrained: no tensor of {path} matches the backbone's parameter names/shapes"
-        )
-    model.load_state_dict(usable, strict=False)
+def load_pretrained(
+    model: nn.Module, pretrained: str | os.PathLike[str] | None, backbone: str
+) -> nn.Module:
+    """``model.pretrained`` onto a backbone module: ``imagenet`` (the hub cache), a local file
+    (``weights_only=True``) or None (random init); see ``dist_reid.models.pretrained``."""
+    found = pretrained_state(pretrained, backbone)
+    if found is not None:
+        load_backbone_weights(model, found[1], found[0])
     return model
 
 
@@ -68,15 +66,14 @@ def load_model_weights(model: nn.Module, path: str | os.PathLike[str]) -> nn.Mod
 
 
 def create_backbone(name: str, pretrained: str | os.PathLike[str] | None = None) -> nn.Module:
-    """A timm backbone returning pooled features (no classifier). Never downloads weights."""
+    """A timm backbone returning pooled features (no classifier); ``pretrained`` as in
+    ``load_pretrained`` (``imagenet`` reads the hub cache, offline by default)."""
     if name not in timm.list_models():
         close = timm.list_models(f"*{name}*")[:5]
         hint = f"; close names: {', '.join(close)}" if close else ""
         raise ValueError(f"model.backbone: unknown backbone {name!r}{hint}")
     model = timm.create_model(name, pretrained=False, num_classes=0)
-    if pretrained:
-        load_local_weights(model, pretrained)
-    return model
+    return load_pretrained(model, pretrained, name)
 
 
 class PooledBackbone(nn.Module):

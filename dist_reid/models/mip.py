@@ -1,8 +1,8 @@
 """MIP: modality- and instance-aware visual prompts on a TransReID-style ViT (Wu et al., ICMR
 2024; methods.md section 5).
 
-A timm ViT (random init; ``pretrained`` = a local weights file) with an overlapping patch
-embedding, position embedding resized to the patch grid and SIE camera embedding. Before each of
+A timm ViT (``pretrained``: ``imagenet`` = the jx ViT-B/16 weights MIP loads, a local file, or
+None = random init) with an overlapping patch embedding, position embedding resized to the patch grid and SIE camera embedding. Before each of
 blocks ``0 .. depth-3`` the tokens become ``[CLS; modality prompts; instance prompts; patches]``:
 modality prompts come from a per-modality, per-layer library through a shared projection;
 instance prompts come from one shared generator block fed ``[queries; current patches]``. Block
@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from dist_reid.models.layers import BNNeck
+from dist_reid.models.pretrained import load_backbone_weights, pretrained_state
 from dist_reid.models.resnet import INFRARED, VISIBLE
 
 QUERY_MODES = ("zero", "learnable")
@@ -181,13 +182,13 @@ class MIP(nn.Module):
         self.generator = copy.deepcopy(vit.blocks[0]) if instance_prompts else None
         if self.generator is not None:
             self.generator.apply(_init_vit_weights)
-        ckpt_pos = _load_vit(vit, pretrained) if pretrained else None
+        ckpt_pos = _load_vit(vit, pretrained, backbone, self.grid) if pretrained else None
         d = embed_dim
         self.patch_embed = nn.Conv2d(3, d, patch_size, stride=stride)
         self.patch_embed.load_state_dict(vit.patch_embed.proj.state_dict())
         self.cls_token = vit.cls_token
         if ckpt_pos is not None:
-            self.pos_embed = nn.Parameter(resize_pos_embed(ckpt_pos, self.grid))
+            self.pos_embed = nn.Parameter(ckpt_pos)
         else:
             self.pos_embed = nn.Parameter(torch.zeros(1, 1 + self.grid[0] * self.grid[1], d))
             nn.init.trunc_normal_(self.pos_embed, std=0.02)
@@ -363,24 +364,20 @@ def _init_vit_weights(module: nn.Module) -> None:
         nn.init.zeros_(module.bias)
 
 
-def _load_vit(vit: nn.Module, path: str | os.PathLike[str]) -> torch.Tensor | None:
-    """Load a local ViT checkpoint (tensors only) into ``vit``, except its position embedding,
-    which is returned for resizing to the overlapping grid; a shape mismatch names the key."""
-    state = torch.load(path, map_location="cpu", weights_only=True)
-    for key in ("model", "state_dict"):
-        if isinstance(state, dict) and key in state and isinstance(state[key], dict):
-            state = state[key]
-    own = vit.state_dict()
+def _load_vit(
+    vit: nn.Module, pretrained: str | os.PathLike[str], backbone: str, grid: tuple[int, int]
+) -> torch.Tensor | None:
+    """``model.pretrained`` (``imagenet`` or a local file) into ``vit``, except its position
+    embedding, which is returned resized to the overlapping ``grid``; counts are logged and a
+    file that fits under 90 % of the tensors is an error."""
+    found = pretrained_state(pretrained, backbone)
+    if found is None:
+        return None
+    source, state = found
     pos = state.get("pos_embed")
-    state = {k: v for k, v in state.items() if not k.startswith("head.") and k != "pos_embed"}
-    for key, value in state.items():
-        if key in own and own[key].shape != value.shape:
-            raise ValueError(
-                f"model.pretrained {path}: {key} has shape {tuple(value.shape)}, "
-                f"the model expects {tuple(own[key].shape)}"
-            )
-    missing, _ = vit.load_state_dict(state, strict=False)
-    missing = [k for k in missing if k != "pos_embed"]
-    if missing:
-        raise ValueError(f"model.pretrained {path}: missing ViT weights {missing[:5]}")
+    if pos is not None and pos.shape[-1] == vit.pos_embed.shape[-1]:
+        pos = resize_pos_embed(pos, grid, vit.pos_embed.shape[1] - vit.patch_embed.num_patches)
+    else:
+        pos = None  # absent or another width: counted as a mismatch below
+    load_backbone_weights(vit, state, source, handled=("pos_embed",) if pos is not None else ())
     return pos

@@ -9,7 +9,7 @@ import torch
 import torchvision
 from torch import nn
 
-from dist_reid.models.backbones import load_local_weights
+from dist_reid.models.backbones import load_pretrained
 from dist_reid.models.layers import NonLocal
 
 VISIBLE, INFRARED = 0, 1  # modality codes carried in batches
@@ -64,8 +64,9 @@ class TwoStreamResNet(nn.Module):
                 f"model.non_local_width must be 'half' or 'official', got {non_local_width!r}"
             )
         base = torchvision.models.get_model(arch, weights=None)
-        if pretrained:
-            load_local_weights(base, pretrained)
+        # Loaded before the stem is copied: both streams start from the same weights, as in
+        # the released code (timm ResNet files use torchvision's parameter names).
+        load_pretrained(base, pretrained, arch)
         stem = nn.Sequential(base.conv1, base.bn1, base.relu, base.maxpool)
         self.visible_stem = stem
         self.infrared_stem = copy.deepcopy(stem)

@@ -10,7 +10,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from dist_reid.builders import ensure_synthetic
+from dist_reid.builders import check_pretrained, ensure_synthetic
 from dist_reid.config import to_yaml
 from dist_reid.tune.space import METRICS, SweepSpec, trial_config, validate_sweep
 from dist_reid.tune.trainable import run_trial
@@ -92,6 +92,7 @@ def run_sweep(
     from ray import tune
 
     cfg = validate_sweep(spec)
+    check_pretrained(cfg, warn=False)  # offline without ImageNet weights: stop before any trial
     ensure_synthetic(cfg)  # once, here: trials generating it concurrently would race
     # Trials run in Ray workers: pin the data root to an absolute path.
     spec = replace(spec, overrides=(*spec.overrides, f"data.root={Path(cfg.data.root).resolve()}"))

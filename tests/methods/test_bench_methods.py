@@ -22,7 +22,7 @@ from dist_reid.cli import main as cli_main
 from dist_reid.config import load_config
 
 REPO = Path(__file__).resolve().parents[2]
-TINY = ["data.height=64", "data.width=32", "model.backbone=resnet18"]
+TINY = ["data.height=64", "data.width=32", "model.backbone=resnet18", "model.pretrained=null"]
 
 
 class _Toy(nn.Module):

@@ -207,7 +207,12 @@ def test_loss_switches():
 def test_configs_build(dataset):
     cfg = load_config(
         str(REPO / f"configs/{dataset}/emif.yaml"),
-        ["model.backbone=resnet18", "loss.options.divergence=kl", "loss.options.beta=0.1"],
+        [
+            "model.backbone=resnet18",
+            "model.pretrained=null",
+            "loss.options.divergence=kl",
+            "loss.options.beta=0.1",
+        ],
     )
     assert cfg.data.dataset == dataset and cfg.run.name == f"{dataset}_emif"
     loss = build_loss(cfg)

@@ -235,7 +235,12 @@ def test_feature_normalize_and_triplet_switches():
 def test_configs_build_with_dotted_overrides(dataset):
     cfg = load_config(
         str(REPO / f"configs/{dataset}/icre.yaml"),
-        ["model.backbone=resnet18", "loss.options.lambda_icg=0.25", "loss.options.rho1=0.2"],
+        [
+            "model.backbone=resnet18",
+            "model.pretrained=null",
+            "loss.options.lambda_icg=0.25",
+            "loss.options.rho1=0.2",
+        ],
     )
     assert cfg.data.dataset == dataset and cfg.run.name == f"{dataset}_icre"
     loss = build_loss(cfg)

@@ -192,10 +192,11 @@ def test_pretrained_is_a_local_file_with_resized_position_embedding(tmp_path):
     torch.testing.assert_close(model.head_global[0].mlp.fc1.weight, src.blocks[3].mlp.fc1.weight)
     assert model.pos_embed.shape == (1, 1 + 10, 32)
     torch.testing.assert_close(model.pos_embed, resize_pos_embed(src.pos_embed.detach(), (5, 2)))
-    bad = {k: v for k, v in src.state_dict().items()}
-    bad["blocks.0.norm1.weight"] = torch.ones(7)
-    torch.save(bad, path)
-    with pytest.raises(ValueError, match=r"blocks\.0\.norm1\.weight"):
+    # A ViT of another width fits under 90 % of the tensors: an error naming the first mismatch.
+    wide = timm.create_model("vit_base_patch16_224", pretrained=False, img_size=64, depth=4,
+                             embed_dim=48, num_heads=2, num_classes=0)  # fmt: skip
+    torch.save(wide.state_dict(), path)
+    with pytest.raises(ValueError, match=r"cls_token \(file \(1, 1, 48\), model \(1, 1, 32\)\)"):
         tiny(pretrained=str(path))
 
 
@@ -287,7 +288,10 @@ def test_loss_gradcheck_float64():
 @pytest.mark.parametrize("dataset, cams", [("sysu", 6), ("regdb", 2), ("llcm", 9)])
 def test_configs_build_the_released_recipe(dataset, cams):
     tiny_opts = [f"model.options.{k}={v}" for k, v in TINY.items()]
-    cfg = load_config(REPO / f"configs/{dataset}/mip.yaml", ["data.root=x", *tiny_opts])
+    cfg = load_config(
+        REPO / f"configs/{dataset}/mip.yaml", ["data.root=x", "model.pretrained=null", *tiny_opts]
+    )
+    assert load_config(REPO / f"configs/{dataset}/mip.yaml", []).model.pretrained == "imagenet"
     assert (cfg.data.height, cfg.data.width) == (256, 128)
     assert cfg.optim.lr_mults == {"base": 1.0, "bias": 2.0, "ipg": 15.0, "prompts": 5.0}
     model = build_model(cfg, num_classes=4)
@@ -338,7 +342,14 @@ def test_iael_switch_through_the_config():
     tiny_opts = [f"model.options.{k}={v}" for k, v in TINY.items()]
     cfg = load_config(
         REPO / "configs/sysu/mip.yaml",
-        ["data.root=x", "data.height=64", "data.width=32", *tiny_opts, "model.options.iael=true"],
+        [
+            "data.root=x",
+            "data.height=64",
+            "data.width=32",
+            "model.pretrained=null",
+            *tiny_opts,
+            "model.options.iael=true",
+        ],
     )
     model = build_model(cfg, num_classes=3)
     out = model(torch.randn(8, 3, 64, 32), MODS, CAMS)
@@ -428,6 +439,7 @@ def test_trainer_schedules_each_group_as_released_and_resumes_it(synthetic_trees
         "data.num_workers=0",
         "train.tensorboard=false",
         "model.options.ipg_queries=learnable",
+        "model.pretrained=null",
         *tiny_opts,
     ]
     cfg = load_config(REPO / "configs/sysu/mip.yaml", overrides)

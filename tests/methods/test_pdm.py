@@ -97,7 +97,13 @@ def test_feature_map_size_and_input_mismatch_fails_fast():
 def test_builder_sizes_positional_embedding_from_data_size():
     cfg = load_config(
         REPO / "configs/sysu/pdm.yaml",
-        ["data.root=x", "model.backbone=resnet18", "data.height=96", "data.width=48"],
+        [
+            "data.root=x",
+            "model.backbone=resnet18",
+            "data.height=96",
+            "data.width=48",
+            "model.pretrained=null",
+        ],
     )
     model = build_model(cfg, num_classes=5)
     assert model.plm.pos_embed.shape == (6 * 3, 512)
@@ -550,7 +556,10 @@ def test_bad_model_option_names_the_key():
         tiny(mfgm_init="kaiming")
     with pytest.raises(ValueError, match="mfa_pnl"):
         tiny(mfa_pnl="paper")
-    cfg = load_config(REPO / "configs/sysu/pdm.yaml", ["data.root=x", "model.options.prototypes=3"])
+    cfg = load_config(
+        REPO / "configs/sysu/pdm.yaml",
+        ["data.root=x", "model.pretrained=null", "model.options.prototypes=3"],
+    )
     with pytest.raises(ConfigError, match=r"model\.options\.prototypes"):
         build_model(cfg, num_classes=3)
 
@@ -634,7 +643,12 @@ def test_cuda_kernels_match_the_torch_reference():
 def test_num_prototypes_switch_through_the_config():
     cfg = load_config(
         REPO / "configs/sysu/pdm.yaml",
-        ["data.root=x", "model.backbone=resnet18", "model.options.num_prototypes=6"],
+        [
+            "data.root=x",
+            "model.backbone=resnet18",
+            "model.pretrained=null",
+            "model.options.num_prototypes=6",
+        ],
     )
     model = build_model(cfg, num_classes=4)
     assert model.plm.prototypes.shape == (6, 512)
