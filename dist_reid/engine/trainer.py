@@ -21,11 +21,8 @@ from dist_reid.builders import (
     build_dataset,
     build_loss,
     build_model,
-<<<<<<< HEAD
-    schedule_options,
-=======
     check_pretrained,
->>>>>>> wip/weights
+    schedule_options,
 )
 from dist_reid.config import ConfigError, ExperimentConfig, config_hash, save_config
 from dist_reid.data.pipeline import build_train_pipeline
