@@ -578,7 +578,8 @@ def test_lr_groups_cover_all_parameters_once():
 @pytest.mark.parametrize("dataset", ["sysu", "regdb", "llcm"])
 def test_configs_use_the_official_preset(dataset):
     cfg = load_config(
-        REPO / f"configs/{dataset}/pdm.yaml", ["data.root=x", "model.backbone=resnet18"]
+        REPO / f"configs/{dataset}/pdm.yaml",
+        ["data.root=x", "model.backbone=resnet18", "model.pretrained=null"],
     )
     assert cfg.model.options["phase_aug"] and cfg.model.options["mfa"]
     assert cfg.model.options["mfgm_after"] == (2 if dataset == "regdb" else 3)
