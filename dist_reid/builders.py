@@ -114,5 +114,13 @@ def build_loss(cfg: ExperimentConfig) -> nn.Module:
 def augment_options(cfg: ExperimentConfig) -> AugmentOptions:
     a = cfg.data.augment
     return AugmentOptions(
-        pad=a.pad, flip=a.flip, random_erasing=a.random_erasing, channel_aug=a.channel_aug
+        pad=a.pad,
+        flip=a.flip,
+        random_erasing=a.random_erasing,
+        channel_aug=a.channel_aug,
+        erasing_scale=tuple(a.erasing_area),
+        erasing_fill=tuple(a.erasing_fill),
+        grayscale=a.grayscale,
+        mean=tuple(cfg.data.mean),
+        std=tuple(cfg.data.std),
     )

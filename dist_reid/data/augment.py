@@ -12,6 +12,8 @@ from dist_reid.data.transforms import IMAGENET_MEAN, IMAGENET_STD
 
 # ITU-R 601 luma, the weights CAJ uses for its grayscale branch
 LUMA = (0.2989, 0.5870, 0.1140)
+# PIL's ``convert("L")`` weights, what torchvision's RandomGrayscale applies to a PIL image
+PIL_LUMA = (0.299, 0.587, 0.114)
 
 
 class ChannelAugment(torch.nn.Module):
@@ -48,21 +50,36 @@ class AugmentOptions:
     pad: int = 10
     flip: bool = True
     random_erasing: float = 0.0  # probability; 0 = off (AGW's train.py has none)
-    erasing_scale: tuple[float, float] = (0.02, 0.4)
+    erasing_scale: tuple[float, float] = (0.02, 0.4)  # area fraction of the erased box
+    erasing_fill: tuple[float, float, float] = (0.0, 0.0, 0.0)  # written in normalised space
     channel_aug: bool = False  # CAJ
+    grayscale: float = 0.0  # probability of PIL-luma gray before normalising (PDM: 0.5)
+    mean: tuple[float, float, float] = IMAGENET_MEAN
+    std: tuple[float, float, float] = IMAGENET_STD
 
 
 def build_train_transform(height: int, width: int, modality: str, options: AugmentOptions) -> v2.Compose:
-    """PIL image -> augmented normalised tensor: Lanczos resize, pad + random crop, flip,
-    normalise, then (optional) channel augmentation and random erasing on the normalised tensor."""
+    """PIL image -> augmented normalised tensor: Lanczos resize, (optional) grayscale, pad +
+    random crop, flip, normalise, then (optional) channel augmentation and random erasing on the
+    normalised tensor. Gray commutes with the zero pad, crop and flip, so its place among them
+    does not matter (PDM grays between pad and crop)."""
     steps: list[torch.nn.Module] = [v2.Resize((height, width), interpolation=InterpolationMode.LANCZOS)]
+    if options.grayscale > 0:
+        steps.append(v2.RandomGrayscale(p=options.grayscale))
     if options.pad:
         steps += [v2.Pad(options.pad, fill=0), v2.RandomCrop((height, width))]
     if options.flip:
         steps.append(v2.RandomHorizontalFlip())
-    steps += [v2.ToImage(), v2.ToDtype(torch.float32, scale=True), v2.Normalize(IMAGENET_MEAN, IMAGENET_STD)]
+    steps += [v2.ToImage(), v2.ToDtype(torch.float32, scale=True), v2.Normalize(options.mean, options.std)]
     if options.channel_aug:
         steps.append(ChannelAugment(modality))
     if options.random_erasing > 0:
-        steps.append(v2.RandomErasing(p=options.random_erasing, scale=options.erasing_scale, ratio=(0.3, 3.3), value=0))
+        steps.append(
+            v2.RandomErasing(
+                p=options.random_erasing,
+                scale=options.erasing_scale,
+                ratio=(0.3, 3.3),
+                value=list(options.erasing_fill),
+            )
+        )
     return v2.Compose(steps)

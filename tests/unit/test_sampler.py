@@ -5,11 +5,10 @@ from __future__ import annotations
 
 from collections import Counter
 
+import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
-
-import numpy as np
 
 from dist_reid.data.pipeline.torch_loader import SeededBatches
 from dist_reid.data.sampler import (
