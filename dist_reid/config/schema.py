@@ -65,8 +65,8 @@ class AugmentConfig:
     random_erasing: float = 0.0
     channel_aug: bool = False
     # erased box: area fraction range, fill written into the normalised tensor (per channel)
-    erasing_area: tuple[float, float] = (0.02, 0.4)
-    erasing_fill: tuple[float, float, float] = (0.0, 0.0, 0.0)
+    erasing_area: tuple[float, ...] = (0.02, 0.4)
+    erasing_fill: tuple[float, ...] = (0.0, 0.0, 0.0)
     grayscale: float = 0.0  # probability of PIL-luma gray (3 equal channels) before normalising
 
     def __post_init__(self) -> None:
@@ -74,9 +74,8 @@ class AugmentConfig:
         _require(
             0 <= self.random_erasing <= 1, "data.augment.random_erasing", "must be a probability"
         )
-        lo, hi = self.erasing_area
         _require(
-            0 < lo <= hi < 1,
+            len(self.erasing_area) == 2 and 0 < self.erasing_area[0] <= self.erasing_area[-1] < 1,
             "data.augment.erasing_area",
             f"must be [low, high] with 0 < low <= high < 1, got {list(self.erasing_area)}",
         )
@@ -100,8 +99,8 @@ class DataConfig:
     dali_cache: bool = False  # DALI: decode + resize each image once, augment every step
     skip_corrupt: bool = False  # replace an unreadable image (same id + modality) with a warning
     # normalisation of train and test images (ImageNet statistics; MIP's ViT uses 0.5, 0.5)
-    mean: tuple[float, float, float] = (0.485, 0.456, 0.406)
-    std: tuple[float, float, float] = (0.229, 0.224, 0.225)
+    mean: tuple[float, ...] = (0.485, 0.456, 0.406)
+    std: tuple[float, ...] = (0.229, 0.224, 0.225)
     sampler: str = "modality_balanced"  # modality_balanced (AGW/PDM) | identity_modality (MIP)
     # modality_balanced: always = the released IdentitySampler; when_short = only if < K images
     sampler_replacement: str = "when_short"
