@@ -120,6 +120,7 @@ def augment_options(cfg: ExperimentConfig) -> AugmentOptions:
         channel_aug=a.channel_aug,
         erasing_scale=tuple(a.erasing_area),
         erasing_fill=tuple(a.erasing_fill),
+        erasing_mode=a.erasing_mode,
         grayscale=a.grayscale,
         mean=tuple(cfg.data.mean),
         std=tuple(cfg.data.std),

@@ -67,6 +67,9 @@ class AugmentConfig:
     # erased box: area fraction range, fill written into the normalised tensor (per channel)
     erasing_area: tuple[float, ...] = (0.02, 0.4)
     erasing_fill: tuple[float, ...] = (0.0, 0.0, 0.0)
+    # torchvision (aspect log-uniform in [0.3, 3.3], 10 tries) | released (uniform in [0.3, 1/0.3],
+    # 100 tries: the RandomErasing class of the AGW/PDM repositories)
+    erasing_mode: str = "torchvision"
     grayscale: float = 0.0  # probability of PIL-luma gray (3 equal channels) before normalising
 
     def __post_init__(self) -> None:
@@ -85,6 +88,11 @@ class AugmentConfig:
             f"must be 3 values (one per channel), got {list(self.erasing_fill)}",
         )
         _require(0 <= self.grayscale <= 1, "data.augment.grayscale", "must be a probability")
+        _require(
+            self.erasing_mode in ("torchvision", "released"),
+            "data.augment.erasing_mode",
+            f"must be torchvision|released, got {self.erasing_mode!r}",
+        )
 
 
 @dataclass(frozen=True)

@@ -42,6 +42,7 @@ KEYED = AugmentOptions(
     grayscale=0.5,
     erasing_scale=(0.2, 0.8),
     erasing_fill=(0.485, 0.456, 0.406),
+    erasing_mode="released",
     mean=(0.5, 0.4, 0.3),
     std=(0.5, 0.25, 0.2),
 )
@@ -484,3 +485,20 @@ def test_training_through_the_dali_cpu_graph_lowers_the_loss(synthetic_trees, tm
                 break
     assert all(np.isfinite(losses))
     assert sum(losses[3:]) < sum(losses[:3]), losses
+
+
+
+# Released RandomErasing (PDM random_erasing.py, r1=0.3; random.seed(0), 20 000 draws with
+# probability 1 on a zero 3x96x48 tensor): mean box h/w and area fraction per (sl, sh).
+RELEASED_ERASING = {(0.2, 0.8): (2.082, 0.454), (0.02, 0.4): (1.901, 0.203)}
+
+
+@pytest.mark.parametrize("area", list(RELEASED_ERASING))
+def test_dali_released_erasing_mode_matches_the_released_box_statistics(area):
+    options = AugmentOptions(
+        pad=0, flip=False, random_erasing=1.0, erasing_scale=area, erasing_mode="released"
+    )
+    shapes = np.array([sample_params(s, 96, 48, "visible", options)["erase_shape"] for s in range(3000)])
+    ratio, fraction = shapes[:, 0] / shapes[:, 1], shapes.prod(1) / (96 * 48)
+    mean_ratio, mean_area = RELEASED_ERASING[area]
+    assert abs(ratio.mean() - mean_ratio) < 0.06 and abs(fraction.mean() - mean_area) < 0.015

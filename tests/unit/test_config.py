@@ -106,6 +106,7 @@ def test_config_is_frozen_and_round_trips(tmp_path):
         ("data.augment.erasing_area=[0.5,0.2]", r"data\.augment\.erasing_area: must be \[low, high\]"),
         ("data.augment.erasing_fill=[0,0]", r"data\.augment\.erasing_fill: must be 3 values"),
         ("data.augment.grayscale=1.5", r"data\.augment\.grayscale: must be a probability"),
+        ("data.augment.erasing_mode=pil", r"data\.augment\.erasing_mode: must be torchvision\|released"),
     ],
 )
 def test_data_keys_of_the_faithful_presets_are_checked(override, match):
@@ -130,7 +131,8 @@ def test_presets_select_the_released_sampler_normalisation_and_augmentation():
         pdm = augment_options(load_config(CONFIGS / dataset / "pdm.yaml", root))
         area = (0.2, 0.8) if dataset == "sysu" else (0.02, 0.4)  # train_pdm.py transform_<dataset>
         assert pdm.erasing_scale == area and pdm.grayscale == 0.5 and pdm.random_erasing == 0.5
-        assert pdm.erasing_fill == (0.485, 0.456, 0.406)
+        assert pdm.erasing_fill == (0.485, 0.456, 0.406) and pdm.erasing_mode == "released"
     default = load_config(None, root)  # library defaults keep today's behaviour
     assert default.data.sampler_replacement == "when_short"
     assert augment_options(default).erasing_scale == (0.02, 0.4)
+    assert augment_options(default).erasing_mode == "torchvision"

@@ -32,7 +32,13 @@ import torch
 from nvidia.dali import fn, pipeline_def, types
 from nvidia.dali.plugin.pytorch import DALIGenericIterator, feed_ndarray
 
-from dist_reid.data.augment import LUMA, PIL_LUMA, AugmentOptions
+from dist_reid.data.augment import (
+    LUMA,
+    PIL_LUMA,
+    RELEASED_ERASING_R1,
+    RELEASED_ERASING_TRIES,
+    AugmentOptions,
+)
 from dist_reid.data.images import ImageDecodeError, load_rgb
 from dist_reid.data.pipeline.torch_loader import sample_seed
 from dist_reid.data.records import MODALITIES, Record
@@ -85,11 +91,17 @@ def sample_params(
             mix, shift = caj @ mix, caj @ shift
     anchor, shape = np.zeros(2, np.float32), np.zeros(2, np.float32)  # fn.erase takes floats
     if options.random_erasing > 0 and rng.random() < options.random_erasing:
-        # torchvision's RandomErasing.get_params: up to 10 tries at an area/aspect that fits
+        # torchvision's RandomErasing.get_params: up to 10 tries at an area/aspect that fits;
+        # released mode: aspect uniform in [r1, 1/r1], up to 100 tries
         low, high = options.erasing_scale
-        for _ in range(10):
+        released = options.erasing_mode == "released"
+        r1 = RELEASED_ERASING_R1
+        for _ in range(RELEASED_ERASING_TRIES if released else 10):
             area = height * width * rng.uniform(low, high)
-            aspect = math.exp(rng.uniform(math.log(0.3), math.log(3.3)))
+            if released:
+                aspect = rng.uniform(r1, 1 / r1)
+            else:
+                aspect = math.exp(rng.uniform(math.log(0.3), math.log(3.3)))
             h, w = round(math.sqrt(area * aspect)), round(math.sqrt(area / aspect))
             if h < height and w < width:
                 anchor = np.array(
