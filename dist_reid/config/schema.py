@@ -112,6 +112,8 @@ class DataConfig:
     sampler: str = "modality_balanced"  # modality_balanced (AGW/PDM) | identity_modality (MIP)
     # modality_balanced: always = the released IdentitySampler; when_short = only if < K images
     sampler_replacement: str = "when_short"
+    # identity_modality: drop = released SYSU branch (n % K dropped); pad = released RegDB branch
+    sampler_remainder: str = "drop"
     augment: AugmentConfig = field(default_factory=AugmentConfig)
     synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)
 
@@ -141,6 +143,11 @@ class DataConfig:
             self.sampler_replacement in ("always", "when_short"),
             "data.sampler_replacement",
             f"must be always|when_short, got {self.sampler_replacement!r}",
+        )
+        _require(
+            self.sampler_remainder in ("drop", "pad"),
+            "data.sampler_remainder",
+            f"must be drop|pad, got {self.sampler_remainder!r}",
         )
 
 

@@ -22,6 +22,7 @@ from torch.utils.data import Sampler
 MODALITY_ORDER = ("visible", "infrared")
 REPLACEMENT = ("always", "when_short")
 SAMPLERS = ("modality_balanced", "identity_modality")
+REMAINDER = ("drop", "pad")
 
 
 def _group(pids: Sequence[int], modalities: Sequence[str]) -> dict[int, tuple[np.ndarray, np.ndarray]]:
@@ -149,6 +150,11 @@ class IdentityModalitySampler(Sampler[list[int]]):
     Layout of every (global and local) batch: all infrared images first (the released order),
     then all visible; the same identity order in both halves; an identity's K images contiguous.
     The batch count depends on the draw, so ``len()`` builds the epoch's plan (same on every rank).
+
+    ``remainder``: ``"drop"`` (the released SYSU branch) drops the last ``n % K`` images as
+    described; ``"pad"`` (the released RegDB branch) first tops both modalities up by
+    ``K - n_visible % K`` draws with replacement (a whole extra chunk when K divides it), so no
+    image is dropped (RegDB, 10 + 10 images, K = 4: 3 chunks per identity instead of 2).
     """
 
     def __init__(
@@ -161,9 +167,13 @@ class IdentityModalitySampler(Sampler[list[int]]):
         num_replicas: int = 1,
         rank: int = 0,
         seed: int = 0,
+        remainder: str = "drop",
     ) -> None:
+        if remainder not in REMAINDER:
+            raise ValueError(f"remainder must be one of {REMAINDER}, got {remainder!r}")
         by_identity = _group(pids, modalities)
         _check_shape(ids_per_batch, instances_per_modality, num_replicas, rank, len(by_identity))
+        self.remainder = remainder
         self.ids_per_batch = ids_per_batch
         self.instances = instances_per_modality
         self.num_replicas = num_replicas
@@ -182,8 +192,10 @@ class IdentityModalitySampler(Sampler[list[int]]):
         k = self.instances
         pools = []
         for pool in (visible, infrared):
-            if len(pool) < k:
-                pool = np.concatenate([pool, rng.choice(pool, size=k - len(pool), replace=True)])
+            # released RegDB branch: both top-ups sized from the visible count
+            extra = k - len(visible) % k if self.remainder == "pad" else max(0, k - len(pool))
+            if extra:
+                pool = np.concatenate([pool, rng.choice(pool, size=extra, replace=True)])
             pools.append(pool)
         longest = max(len(p) for p in pools)
         pools = [
@@ -240,14 +252,17 @@ def build_sampler(
     rank: int = 0,
     seed: int = 0,
     replacement: str = "when_short",
+    remainder: str = "drop",
 ) -> IdentitySampler:
     """The sampler named by ``kind`` (``data.sampler``); ``replacement`` applies to
-    ``modality_balanced`` only (MIP's epoch walks the images without replacement)."""
+    ``modality_balanced`` only, ``remainder`` to ``identity_modality`` only."""
     common = dict(num_replicas=num_replicas, rank=rank, seed=seed)
     if kind == "modality_balanced":
         return ModalityBalancedSampler(
             pids, modalities, ids_per_batch, instances_per_modality, replacement=replacement, **common
         )
     if kind == "identity_modality":
-        return IdentityModalitySampler(pids, modalities, ids_per_batch, instances_per_modality, **common)
+        return IdentityModalitySampler(
+            pids, modalities, ids_per_batch, instances_per_modality, remainder=remainder, **common
+        )
     raise ValueError(f"sampler must be one of {SAMPLERS}, got {kind!r}")

@@ -84,6 +84,7 @@ class Trainer:
             rank=b.rank,
             seed=cfg.run.seed,
             replacement=cfg.data.sampler_replacement,
+            remainder=cfg.data.sampler_remainder,
         )
         self.pipeline = build_train_pipeline(
             cfg.data.pipeline,

@@ -101,6 +101,7 @@ def test_config_is_frozen_and_round_trips(tmp_path):
     [
         ("data.sampler=random", r"data\.sampler: must be modality_balanced\|identity_modality"),
         ("data.sampler_replacement=never", r"data\.sampler_replacement: must be always\|when_short"),
+        ("data.sampler_remainder=keep", r"data\.sampler_remainder: must be drop\|pad"),
         ("data.mean=[0.5,0.5]", r"data\.mean: must be 3 values"),
         ("data.std=[0.5,0,0.5]", r"data\.std: must be positive"),
         ("data.augment.erasing_area=[0.5,0.2]", r"data\.augment\.erasing_area: must be \[low, high\]"),
@@ -127,6 +128,7 @@ def test_presets_select_the_released_sampler_normalisation_and_augmentation():
     for dataset in ("sysu", "regdb", "llcm"):
         mip = load_config(CONFIGS / dataset / "mip.yaml", root)
         assert mip.data.sampler == "identity_modality"
+        assert mip.data.sampler_remainder == ("pad" if dataset == "regdb" else "drop")
         assert tuple(mip.data.mean) == tuple(mip.data.std) == (0.5, 0.5, 0.5)
         pdm = augment_options(load_config(CONFIGS / dataset / "pdm.yaml", root))
         area = (0.2, 0.8) if dataset == "sysu" else (0.02, 0.4)  # train_pdm.py transform_<dataset>

@@ -53,14 +53,17 @@ counts = st.lists(st.tuples(st.integers(1, 9), st.integers(1, 9)), min_size=4, m
     world=st.sampled_from([1, 2, 4]),
     seed=st.integers(0, 2**16),
     epoch=st.integers(0, 5),
-    kind=st.sampled_from(["always", "when_short", "identity_modality"]),
+    kind=st.sampled_from(["always", "when_short", "identity_modality", "identity_modality_pad"]),
 )
 def test_world_size_invariance_and_layout(counts, k, world, seed, epoch, kind):
     pids, mods = _records(counts)
     p = world * max(1, min(len(counts) // world, 2))
-    sampler = "identity_modality" if kind == "identity_modality" else "modality_balanced"
-    first = "infrared" if kind == "identity_modality" else "visible"
-    extra = {"replacement": kind} if sampler == "modality_balanced" else {}
+    sampler = "identity_modality" if kind.startswith("identity") else "modality_balanced"
+    first = "infrared" if sampler == "identity_modality" else "visible"
+    if sampler == "modality_balanced":
+        extra = {"replacement": kind}
+    else:
+        extra = {"remainder": "pad" if kind.endswith("pad") else "drop"}
     single = build_sampler(sampler, pids, mods, p, k, seed=seed, **extra)
     single.set_epoch(epoch)
     ranks = [
@@ -255,3 +258,25 @@ def test_unknown_sampler_is_a_clear_error():
     pids, mods = _records([(3, 3)] * 4)
     with pytest.raises(ValueError, match="sampler must be one of"):
         build_sampler("random", pids, mods, 2, 2)
+
+
+def test_identity_modality_regdb_branch_pads_to_whole_chunks():
+    # Released RandomIdentityModalitySampler with cfg.DATASETS.NAMES='regdb' on the RegDB shape,
+    # batch_size 64, NUM_INSTANCE 8 (P = 8, K = 4 per modality; random.seed(s), np.random.seed(s),
+    # s in 0..99): 76.76 batches per epoch (76-77), 16.6 % of the epoch's slots repeat an image;
+    # its SYSU branch on the same shape: 51 batches.
+    pids, mods = _regdb_shape()
+    pad = IdentityModalitySampler(pids, mods, 8, 4, remainder="pad")
+    drop = IdentityModalitySampler(pids, mods, 8, 4, remainder="drop")
+    lengths, repeats = [], []
+    for epoch in range(30):
+        pad.set_epoch(epoch)
+        flat = [i for batch in pad for i in batch]
+        lengths.append(len(pad))
+        repeats.append(1 - len(set(flat)) / len(flat))
+        drop.set_epoch(epoch)
+        assert len(drop) == 51
+    assert abs(np.mean(lengths) - 76.76) < 0.3 and set(lengths) <= {76, 77}
+    assert abs(np.mean(repeats) - 0.166) < 0.01
+    with pytest.raises(ValueError, match="remainder must be one of"):
+        IdentityModalitySampler(pids, mods, 8, 4, remainder="keep")
