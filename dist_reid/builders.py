@@ -151,5 +151,14 @@ def schedule_options(cfg: ExperimentConfig) -> dict:
 def augment_options(cfg: ExperimentConfig) -> AugmentOptions:
     a = cfg.data.augment
     return AugmentOptions(
-        pad=a.pad, flip=a.flip, random_erasing=a.random_erasing, channel_aug=a.channel_aug
+        pad=a.pad,
+        flip=a.flip,
+        random_erasing=a.random_erasing,
+        channel_aug=a.channel_aug,
+        erasing_scale=tuple(a.erasing_area),
+        erasing_fill=tuple(a.erasing_fill),
+        erasing_mode=a.erasing_mode,
+        grayscale=a.grayscale,
+        mean=tuple(cfg.data.mean),
+        std=tuple(cfg.data.std),
     )

@@ -133,7 +133,7 @@ def _cmd_extract(args: argparse.Namespace) -> int:
     feats = extract_features(
         model,
         records,
-        build_test_transform(cfg.data.height, cfg.data.width),
+        build_test_transform(cfg.data.height, cfg.data.width, cfg.data.mean, cfg.data.std),
         batch_size=cfg.eval.batch_size,
         num_workers=cfg.data.num_workers,
         flip=cfg.eval.flip,

@@ -64,11 +64,34 @@ class AugmentConfig:
     flip: bool = True
     random_erasing: float = 0.0
     channel_aug: bool = False
+    # erased box: area fraction range, fill written into the normalised tensor (per channel)
+    erasing_area: tuple[float, ...] = (0.02, 0.4)
+    erasing_fill: tuple[float, ...] = (0.0, 0.0, 0.0)
+    # torchvision (aspect log-uniform in [0.3, 3.3], 10 tries) | released (uniform in [0.3, 1/0.3],
+    # 100 tries: the RandomErasing class of the AGW/PDM repositories)
+    erasing_mode: str = "torchvision"
+    grayscale: float = 0.0  # probability of PIL-luma gray (3 equal channels) before normalising
 
     def __post_init__(self) -> None:
         _require(self.pad >= 0, "data.augment.pad", f"must be >= 0, got {self.pad}")
         _require(
             0 <= self.random_erasing <= 1, "data.augment.random_erasing", "must be a probability"
+        )
+        _require(
+            len(self.erasing_area) == 2 and 0 < self.erasing_area[0] <= self.erasing_area[-1] < 1,
+            "data.augment.erasing_area",
+            f"must be [low, high] with 0 < low <= high < 1, got {list(self.erasing_area)}",
+        )
+        _require(
+            len(self.erasing_fill) == 3,
+            "data.augment.erasing_fill",
+            f"must be 3 values (one per channel), got {list(self.erasing_fill)}",
+        )
+        _require(0 <= self.grayscale <= 1, "data.augment.grayscale", "must be a probability")
+        _require(
+            self.erasing_mode in ("torchvision", "released"),
+            "data.augment.erasing_mode",
+            f"must be torchvision|released, got {self.erasing_mode!r}",
         )
 
 
@@ -83,6 +106,14 @@ class DataConfig:
     pipeline: str = "torch"  # torch | dali | auto (DALI when on a GPU and installed, else torch)
     dali_cache: bool = False  # DALI: decode + resize each image once, augment every step
     skip_corrupt: bool = False  # replace an unreadable image (same id + modality) with a warning
+    # normalisation of train and test images (ImageNet statistics; MIP's ViT uses 0.5, 0.5)
+    mean: tuple[float, ...] = (0.485, 0.456, 0.406)
+    std: tuple[float, ...] = (0.229, 0.224, 0.225)
+    sampler: str = "modality_balanced"  # modality_balanced (AGW/PDM) | identity_modality (MIP)
+    # modality_balanced: always = the released IdentitySampler; when_short = only if < K images
+    sampler_replacement: str = "when_short"
+    # identity_modality: drop = released SYSU branch (n % K dropped); pad = released RegDB branch
+    sampler_remainder: str = "drop"
     augment: AugmentConfig = field(default_factory=AugmentConfig)
     synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)
 
@@ -99,6 +130,24 @@ class DataConfig:
             self.pipeline in ("auto", "torch", "dali"),
             "data.pipeline",
             f"must be auto|torch|dali, got {self.pipeline!r}",
+        )
+        for key, values in (("data.mean", self.mean), ("data.std", self.std)):
+            _require(len(values) == 3, key, f"must be 3 values (R, G, B), got {list(values)}")
+        _require(all(s > 0 for s in self.std), "data.std", f"must be positive, got {list(self.std)}")
+        _require(
+            self.sampler in ("modality_balanced", "identity_modality"),
+            "data.sampler",
+            f"must be modality_balanced|identity_modality, got {self.sampler!r}",
+        )
+        _require(
+            self.sampler_replacement in ("always", "when_short"),
+            "data.sampler_replacement",
+            f"must be always|when_short, got {self.sampler_replacement!r}",
+        )
+        _require(
+            self.sampler_remainder in ("drop", "pad"),
+            "data.sampler_remainder",
+            f"must be drop|pad, got {self.sampler_remainder!r}",
         )
 
 

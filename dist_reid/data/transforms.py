@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 from torchvision.transforms import InterpolationMode
 from torchvision.transforms import v2
@@ -10,8 +12,14 @@ IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
-def build_test_transform(height: int = 288, width: int = 144) -> v2.Compose:
-    """PIL image -> normalised float tensor (3, height, width).
+def build_test_transform(
+    height: int = 288,
+    width: int = 144,
+    mean: Sequence[float] = IMAGENET_MEAN,
+    std: Sequence[float] = IMAGENET_STD,
+) -> v2.Compose:
+    """PIL image -> float tensor (3, height, width) normalised with ``mean``/``std``
+    (``data.mean``/``data.std``: ImageNet statistics, or 0.5/0.5 for MIP's ViT).
 
     The reference resizes test images with PIL's Lanczos filter; a bilinear tensor resize shifts
     the metrics slightly (protocols.md 1.5), so the resize runs on the PIL image.
@@ -21,6 +29,6 @@ def build_test_transform(height: int = 288, width: int = 144) -> v2.Compose:
             v2.Resize((height, width), interpolation=InterpolationMode.LANCZOS),
             v2.ToImage(),
             v2.ToDtype(torch.float32, scale=True),
-            v2.Normalize(IMAGENET_MEAN, IMAGENET_STD),
+            v2.Normalize(list(mean), list(std)),
         ]
     )

@@ -53,7 +53,7 @@ def model_features(
     model = build_model(cfg, num_classes, pretrained=False)  # checkpoint or untrained
     if checkpoint is not None:
         load_model_weights(model, checkpoint)
-    transform = build_test_transform(cfg.data.height, cfg.data.width)
+    transform = build_test_transform(cfg.data.height, cfg.data.width, cfg.data.mean, cfg.data.std)
     torch.set_num_threads(max(1, os.cpu_count() or 1))
 
     def compute(records: Sequence[Record]) -> np.ndarray:

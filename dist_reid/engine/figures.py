@@ -40,7 +40,7 @@ def model_figures(
     model = build_model(cfg, dataset.num_train_ids, pretrained=False)  # checkpoint next
     if checkpoint:
         load_model_weights(model, checkpoint)
-    transform = build_test_transform(cfg.data.height, cfg.data.width)
+    transform = build_test_transform(cfg.data.height, cfg.data.width, cfg.data.mean, cfg.data.std)
     setting = (cfg.eval.settings or dataset.settings)[0]
     query, gallery = dataset.split(setting, trial if dataset.name != "regdb" else cfg.data.trial)
     q = extract_features(model, query, transform, batch_size=cfg.eval.batch_size)

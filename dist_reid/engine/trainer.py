@@ -27,7 +27,7 @@ from dist_reid.builders import (
 from dist_reid.config import ConfigError, ExperimentConfig, config_hash, save_config
 from dist_reid.data.pipeline import build_train_pipeline
 from dist_reid.data.records import Record
-from dist_reid.data.sampler import ModalityBalancedSampler
+from dist_reid.data.sampler import build_sampler
 from dist_reid.data.transforms import build_test_transform
 from dist_reid.engine.backends import TrainingBackend, create_backend, main_process_first
 from dist_reid.engine.checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
@@ -79,7 +79,8 @@ class Trainer:
             save_config(cfg, self.run_dir)
         self.labels = self.dataset.train_labels()
         records = self.dataset.train
-        self.sampler = ModalityBalancedSampler(
+        self.sampler = build_sampler(
+            cfg.data.sampler,
             [r.pid for r in records],
             [r.modality for r in records],
             t.ids_per_batch,
@@ -87,6 +88,8 @@ class Trainer:
             num_replicas=b.world_size,
             rank=b.rank,
             seed=cfg.run.seed,
+            replacement=cfg.data.sampler_replacement,
+            remainder=cfg.data.sampler_remainder,
         )
         self.pipeline = build_train_pipeline(
             cfg.data.pipeline,
@@ -246,7 +249,7 @@ class Trainer:
                 feats = extract_features(
                     model,
                     shard,
-                    build_test_transform(cfg.data.height, cfg.data.width),
+                    build_test_transform(cfg.data.height, cfg.data.width, cfg.data.mean, cfg.data.std),
                     batch_size=cfg.eval.batch_size,
                     device=b.device,
                     flip=cfg.eval.flip,

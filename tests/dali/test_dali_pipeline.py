@@ -33,6 +33,19 @@ pytestmark = pytest.mark.dali
 H, W = 64, 32
 OFF = AugmentOptions(pad=0, flip=False)
 ALL_ON = AugmentOptions(pad=10, flip=True, channel_aug=True, random_erasing=0.5)
+# the keys PDM's released SYSU transform sets, plus non-ImageNet statistics
+KEYED = AugmentOptions(
+    pad=10,
+    flip=True,
+    channel_aug=True,
+    random_erasing=0.5,
+    grayscale=0.5,
+    erasing_scale=(0.2, 0.8),
+    erasing_fill=(0.485, 0.456, 0.406),
+    erasing_mode="released",
+    mean=(0.5, 0.4, 0.3),
+    std=(0.5, 0.25, 0.2),
+)
 FIELDS = ("labels", "modalities", "cams", "indices")
 # Measured on the synthetic JPEG trees: DALI's CPU decoder and PIL give identical pixels; DALI's
 # Lanczos-3 resize differs from PIL's Lanczos by at most 8 uint8 levels (mean 0.14 levels).
@@ -116,7 +129,9 @@ def test_with_augmentation_batch_composition_is_identical_to_torch(sysu):
     assert not torch.allclose(dali[0]["images"], plain[0]["images"])
 
 
-def _reference_augment(pixels: np.ndarray, params: dict[str, np.ndarray]) -> torch.Tensor:
+def _reference_augment(
+    pixels: np.ndarray, params: dict[str, np.ndarray], options: AugmentOptions = ALL_ON
+) -> torch.Tensor:
     """The torch pipeline's order on a resized uint8 HWC image, from explicit parameters."""
     pad = 10
     x = torch.from_numpy(pixels).permute(2, 0, 1).float() / 255
@@ -126,27 +141,29 @@ def _reference_augment(pixels: np.ndarray, params: dict[str, np.ndarray]) -> tor
     if params["flip"]:
         x = x.flip(-1)
     mean, std = (
-        torch.tensor(IMAGENET_MEAN)[:, None, None],
-        torch.tensor(IMAGENET_STD)[:, None, None],
+        torch.tensor(options.mean)[:, None, None],
+        torch.tensor(options.std)[:, None, None],
     )
     x = (x - mean) / std
     x = torch.einsum("cd,dhw->chw", torch.from_numpy(params["mix"]), x)
+    x = x + torch.from_numpy(params["shift"])[:, None, None]
     (ay, ax), (eh, ew) = params["erase_anchor"].astype(int), params["erase_shape"].astype(int)
-    x[:, ay : ay + eh, ax : ax + ew] = 0
+    x[:, ay : ay + eh, ax : ax + ew] = torch.tensor(options.erasing_fill)[:, None, None]
     return x
 
 
-def test_augmentation_applies_the_sampled_parameters_exactly(sysu):
+@pytest.mark.parametrize("options", [ALL_ON, KEYED], ids=["default-keys", "pdm-keys"])
+def test_augmentation_applies_the_sampled_parameters_exactly(sysu, options):
     records, labels = sysu
-    pipe = _dali(records, labels, ALL_ON, epoch=0, cache=True)
+    pipe = _dali(records, labels, options, epoch=0, cache=True)
     batches = list(pipe.iterate())
     seen = {"flip": 0, "mix": 0, "erase": 0}
     for step in (0, 1):
         batch = batches[step]
         for position, index in enumerate(batch["indices"].tolist()):
             record = records[index]
-            params = sample_params(sample_seed(3, 0, step, position), H, W, record.modality, ALL_ON)
-            expected = _reference_augment(pipe.cache[index].numpy(), params)
+            params = sample_params(sample_seed(3, 0, step, position), H, W, record.modality, options)
+            expected = _reference_augment(pipe.cache[index].numpy(), params, options)
             torch.testing.assert_close(batch["images"][position], expected, rtol=0, atol=1e-5)
             seen["flip"] += int(params["flip"])
             seen["mix"] += int(not np.array_equal(params["mix"], np.eye(3)))
@@ -179,6 +196,105 @@ def test_sample_params_follow_the_augment_switches():
     off = sample_params(5, H, W, "visible", OFF)
     assert off["start"].tolist() == [0, 0] and int(off["flip"]) == 0
     assert np.array_equal(off["mix"], np.eye(3)) and off["erase_shape"].tolist() == [0, 0]
+
+
+def test_grayscale_and_erasing_keys_in_the_sampled_parameters():
+    """Gray is PIL's luma of the raw pixel, re-normalised: an affine map of the normalised one
+    (float64 formula here); erased areas stay within ``erasing_area``; draws at a key's default
+    are unchanged (the gray switch draws nothing when off)."""
+    gray_only = AugmentOptions(pad=0, flip=False, grayscale=1.0, mean=KEYED.mean, std=KEYED.std)
+    p = sample_params(7, H, W, "visible", gray_only)
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=3)  # a normalised pixel
+    raw = x * np.array(KEYED.std) + np.array(KEYED.mean)
+    gray = 0.299 * raw[0] + 0.587 * raw[1] + 0.114 * raw[2]
+    expected = (gray - np.array(KEYED.mean)) / np.array(KEYED.std)
+    np.testing.assert_allclose(p["mix"] @ x + p["shift"], expected, rtol=1e-5, atol=1e-6)
+    grays = [sample_params(s, H, W, "visible", KEYED) for s in range(400)]
+    assert 0.4 < np.mean([np.any(g["shift"] != 0) for g in grays]) < 0.6  # p = 0.5
+    areas = [g["erase_shape"].prod() / (H * W) for g in grays if g["erase_shape"].prod() > 0]
+    assert 0.4 < len(areas) / 400 < 0.6
+    # rounding the box sides to whole pixels moves the area by at most one row + column
+    slack = (H + W + 1) / (H * W)
+    assert min(areas) >= 0.2 - slack and max(areas) <= 0.8 + slack
+    assert np.mean(areas) > 0.35  # the SYSU range, not the default 0.02-0.4
+    for s in range(50):  # keys at their defaults leave today's parameters alone
+        a = sample_params(s, H, W, "infrared", ALL_ON)
+        b = sample_params(s, H, W, "infrared", AugmentOptions(**{**ALL_ON.__dict__, "grayscale": 0.0}))
+        assert all(np.array_equal(a[k], b[k]) for k in a)
+
+
+def _unnormalise(images: torch.Tensor, options: AugmentOptions) -> torch.Tensor:
+    mean = torch.tensor(options.mean, dtype=torch.float64)[:, None, None]
+    std = torch.tensor(options.std, dtype=torch.float64)[:, None, None]
+    return images.double() * std + mean
+
+
+def test_grayscale_one_gives_equal_channels_in_both_pipelines(sysu):
+    records, labels = sysu
+    gray = AugmentOptions(pad=0, flip=False, grayscale=1.0, mean=KEYED.mean, std=KEYED.std)
+    dali = list(_dali(records, labels, gray, epoch=0).iterate())[:2]
+    ref = list(_torch(records, labels, gray, epoch=0).iterate())[:2]
+    for a, b in zip(dali, ref, strict=True):
+        for images in (a["images"], b["images"]):
+            raw = _unnormalise(images, gray)
+            torch.testing.assert_close(raw[:, 0], raw[:, 1], rtol=0, atol=1e-5)
+            torch.testing.assert_close(raw[:, 0], raw[:, 2], rtol=0, atol=1e-5)
+        # PIL rounds gray to whole levels; DALI keeps it in float: under the resize tolerance
+        diff = (_unnormalise(a["images"], gray) - _unnormalise(b["images"], gray)).abs()
+        assert diff.max() <= 10.5 / 255 and diff.mean() <= 1 / 255
+
+
+def test_erasing_fill_and_area_in_both_pipelines(sysu):
+    records, labels = sysu
+    options = AugmentOptions(
+        pad=0,
+        flip=False,
+        random_erasing=1.0,
+        erasing_scale=(0.2, 0.8),
+        erasing_fill=(0.485, 0.456, 0.406),
+    )
+    fill = torch.tensor(options.erasing_fill)[:, None, None]
+    for pipe in (_dali(records, labels, options), _torch(records, labels, options)):
+        images = next(iter(pipe.iterate()))["images"]
+        for image in images:
+            erased = (image == fill).all(0)  # exact fill value, in normalised space
+            rows, cols = erased.any(1).nonzero(), erased.any(0).nonzero()
+            h, w = int(rows.max() - rows.min() + 1), int(cols.max() - cols.min() + 1)
+            assert int(erased.sum()) == h * w  # one rectangle
+            slack = (H + W + 1) / (H * W)
+            assert 0.2 - slack <= h * w / (H * W) <= 0.8 + slack
+
+
+def test_mean_and_std_follow_the_formula_in_both_pipelines(sysu):
+    """Same pixels, two normalisations: x' = (x s + m - m') / s' channel by channel."""
+    records, labels = sysu
+    other = AugmentOptions(pad=0, flip=False, mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5))
+    for make in (_dali, _torch):
+        base = next(iter(make(records, labels, OFF, epoch=1).iterate()))["images"].double()
+        moved = next(iter(make(records, labels, other, epoch=1).iterate()))["images"].double()
+        expected = (_unnormalise(base, OFF) - 0.5) / 0.5
+        torch.testing.assert_close(moved, expected, rtol=0, atol=1e-5)
+    dali = next(iter(_dali(records, labels, other, epoch=1).iterate()))["images"]
+    ref = next(iter(_torch(records, labels, other, epoch=1).iterate()))["images"]
+    assert (dali - ref).abs().max() <= 10 / 255 / 0.5  # the resize tolerance at std 0.5
+
+
+def test_eval_pipeline_and_test_transform_honour_mean_and_std(sysu):
+    records, _ = sysu
+    records = records[:16]
+    mean, std = (0.5, 0.4, 0.3), (0.5, 0.25, 0.2)
+    out = torch.cat([x for x, _ in DaliEvalPipeline(records, height=H, width=W, mean=mean, std=std)])
+    moved = RecordImageDataset(records, build_test_transform(H, W, mean, std))
+    base = RecordImageDataset(records, build_test_transform(H, W))
+    ref = torch.stack([moved[i][0] for i in range(len(records))])
+    imagenet = torch.stack([base[i][0] for i in range(len(records))]).double()
+    m, s = (torch.tensor(v, dtype=torch.float64)[:, None, None] for v in (mean, std))
+    raw = imagenet * torch.tensor(IMAGENET_STD, dtype=torch.float64)[:, None, None] + torch.tensor(
+        IMAGENET_MEAN, dtype=torch.float64
+    )[:, None, None]
+    torch.testing.assert_close(ref.double(), (raw - m) / s, rtol=0, atol=1e-5)
+    assert (out - ref).abs().max() <= 10 / 255 / min(std)
 
 
 def test_resume_epochs_and_ranks(sysu):
@@ -369,3 +485,20 @@ def test_training_through_the_dali_cpu_graph_lowers_the_loss(synthetic_trees, tm
                 break
     assert all(np.isfinite(losses))
     assert sum(losses[3:]) < sum(losses[:3]), losses
+
+
+
+# Released RandomErasing (PDM random_erasing.py, r1=0.3; random.seed(0), 20 000 draws with
+# probability 1 on a zero 3x96x48 tensor): mean box h/w and area fraction per (sl, sh).
+RELEASED_ERASING = {(0.2, 0.8): (2.082, 0.454), (0.02, 0.4): (1.901, 0.203)}
+
+
+@pytest.mark.parametrize("area", list(RELEASED_ERASING))
+def test_dali_released_erasing_mode_matches_the_released_box_statistics(area):
+    options = AugmentOptions(
+        pad=0, flip=False, random_erasing=1.0, erasing_scale=area, erasing_mode="released"
+    )
+    shapes = np.array([sample_params(s, 96, 48, "visible", options)["erase_shape"] for s in range(3000)])
+    ratio, fraction = shapes[:, 0] / shapes[:, 1], shapes.prod(1) / (96 * 48)
+    mean_ratio, mean_area = RELEASED_ERASING[area]
+    assert abs(ratio.mean() - mean_ratio) < 0.06 and abs(fraction.mean() - mean_area) < 0.015

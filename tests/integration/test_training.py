@@ -51,22 +51,44 @@ def _weights(trainer: Trainer) -> dict[str, torch.Tensor]:
     return {k: v.clone() for k, v in trainer.backend.unwrap(trainer.model).state_dict().items()}
 
 
+# MIP's sampler and PDM's augmentation keys resume as exactly as the default recipe
+FAITHFUL = (
+    "data.sampler=identity_modality",
+    "data.mean=[0.5,0.5,0.5]",
+    "data.std=[0.5,0.5,0.5]",
+    "data.augment.grayscale=0.5",
+    "data.augment.erasing_area=[0.2,0.8]",
+    "data.augment.erasing_fill=[0.485,0.456,0.406]",
+)
+
+
 @pytest.mark.slow
-def test_resume_continues_exactly(synthetic_trees, tmp_path):
+@pytest.mark.parametrize("keys", [(), FAITHFUL], ids=["default", "faithful-keys"])
+def test_resume_continues_exactly(synthetic_trees, tmp_path, keys):
     root, _ = synthetic_trees["sysu"]
     straight = Trainer(
         load_config(
             CONFIG,
             tiny(
-                root, tmp_path, "straight", "train.max_steps=8", "data.augment.random_erasing=0.5"
+                root,
+                tmp_path,
+                "straight",
+                "train.max_steps=8",
+                "data.augment.random_erasing=0.5",
+                *keys,
             ),
         )
     )
     straight.fit()
+    assert type(straight.sampler).__name__ == (
+        "IdentityModalitySampler" if keys else "ModalityBalancedSampler"
+    )
     first = Trainer(
         load_config(
             CONFIG,
-            tiny(root, tmp_path, "split", "train.max_steps=4", "data.augment.random_erasing=0.5"),
+            tiny(
+                root, tmp_path, "split", "train.max_steps=4", "data.augment.random_erasing=0.5", *keys
+            ),
         )
     )
     first.fit()
@@ -74,7 +96,9 @@ def test_resume_continues_exactly(synthetic_trees, tmp_path):
     second = Trainer(
         load_config(
             CONFIG,
-            tiny(root, tmp_path, "split", "train.max_steps=8", "data.augment.random_erasing=0.5"),
+            tiny(
+                root, tmp_path, "split", "train.max_steps=8", "data.augment.random_erasing=0.5", *keys
+            ),
         )
     )
     second.fit(resume=tmp_path / "split" / "last.pt")

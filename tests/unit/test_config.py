@@ -114,3 +114,47 @@ def test_config_is_frozen_and_round_trips(tmp_path):
     written = save_config(cfg, tmp_path / "run")
     assert written.name == "config.yaml"
     assert load_config(written) == cfg
+
+
+@pytest.mark.parametrize(
+    "override,match",
+    [
+        ("data.sampler=random", r"data\.sampler: must be modality_balanced\|identity_modality"),
+        ("data.sampler_replacement=never", r"data\.sampler_replacement: must be always\|when_short"),
+        ("data.sampler_remainder=keep", r"data\.sampler_remainder: must be drop\|pad"),
+        ("data.mean=[0.5,0.5]", r"data\.mean: must be 3 values"),
+        ("data.std=[0.5,0,0.5]", r"data\.std: must be positive"),
+        ("data.augment.erasing_area=[0.5,0.2]", r"data\.augment\.erasing_area: must be \[low, high\]"),
+        ("data.augment.erasing_fill=[0,0]", r"data\.augment\.erasing_fill: must be 3 values"),
+        ("data.augment.grayscale=1.5", r"data\.augment\.grayscale: must be a probability"),
+        ("data.augment.erasing_mode=pil", r"data\.augment\.erasing_mode: must be torchvision\|released"),
+    ],
+)
+def test_data_keys_of_the_faithful_presets_are_checked(override, match):
+    with pytest.raises(ConfigError, match=match):
+        load_config(None, ["data.root=/x", override])
+
+
+def test_presets_select_the_released_sampler_normalisation_and_augmentation():
+    """Which preset follows which released sampler / statistics / transform (issue 12, sec. 2)."""
+    from dist_reid.builders import augment_options
+
+    root = ["data.root=/x"]
+    for method in ("agw", "icre", "emif", "pdm"):
+        for dataset in ("sysu", "regdb", "llcm"):
+            cfg = load_config(CONFIGS / dataset / f"{method}.yaml", root)
+            assert (cfg.data.sampler, cfg.data.sampler_replacement) == ("modality_balanced", "always")
+            assert tuple(cfg.data.mean) == (0.485, 0.456, 0.406)
+    for dataset in ("sysu", "regdb", "llcm"):
+        mip = load_config(CONFIGS / dataset / "mip.yaml", root)
+        assert mip.data.sampler == "identity_modality"
+        assert mip.data.sampler_remainder == ("pad" if dataset == "regdb" else "drop")
+        assert tuple(mip.data.mean) == tuple(mip.data.std) == (0.5, 0.5, 0.5)
+        pdm = augment_options(load_config(CONFIGS / dataset / "pdm.yaml", root))
+        area = (0.2, 0.8) if dataset == "sysu" else (0.02, 0.4)  # train_pdm.py transform_<dataset>
+        assert pdm.erasing_scale == area and pdm.grayscale == 0.5 and pdm.random_erasing == 0.5
+        assert pdm.erasing_fill == (0.485, 0.456, 0.406) and pdm.erasing_mode == "released"
+    default = load_config(None, root)  # library defaults keep today's behaviour
+    assert default.data.sampler_replacement == "when_short"
+    assert augment_options(default).erasing_scale == (0.02, 0.4)
+    assert augment_options(default).erasing_mode == "torchvision"

@@ -1,6 +1,6 @@
 """Training data pipelines behind one interface (torch DataLoader, NVIDIA DALI).
 
-A pipeline is built for one rank from the records and a :class:`ModalityBalancedSampler`;
+A pipeline is built for one rank from the records and an identity sampler (``data.sampler``);
 ``set_epoch(e)`` fixes the epoch's plan, ``iterate(start_step)`` yields batches
 ``{"images", "labels", "modalities", "cams", "indices"}`` from that step on, ``len()`` is exact.
 :func:`build_train_pipeline` picks the implementation (``auto``, ``torch`` or ``dali``).
@@ -17,7 +17,7 @@ import torch
 from dist_reid.data.augment import AugmentOptions
 from dist_reid.data.pipeline.torch_loader import TorchTrainPipeline, TrainPipeline
 from dist_reid.data.records import Record
-from dist_reid.data.sampler import ModalityBalancedSampler
+from dist_reid.data.sampler import IdentitySampler
 
 __all__ = ["TorchTrainPipeline", "TrainPipeline", "build_train_pipeline", "dali_available"]
 PIPELINES = ("auto", "torch", "dali")
@@ -36,7 +36,7 @@ def build_train_pipeline(
     kind: str,
     records: Sequence[Record],
     labels: dict[int, int],
-    sampler: ModalityBalancedSampler,
+    sampler: IdentitySampler,
     *,
     height: int,
     width: int,

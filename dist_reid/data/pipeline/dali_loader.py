@@ -3,12 +3,13 @@
 The modality-balanced sampler decides every batch (architecture decision 4); DALI only decodes and
 augments. Encoded bytes are read by a thread pool and handed to ``fn.external_source`` together
 with the labels, modalities, cameras, indices and the *augmentation parameters* of each sample.
-Those parameters (crop offset, flip, channel-mix matrix, erasing box) are drawn on the host from
+Those parameters (crop offset, flip, channel-mix matrix and offset, erasing box) are drawn on the host from
 ``sample_seed(seed, epoch, step, position)`` — the same per-sample seeds the torch pipeline uses —
 so a batch is a pure function of (seed, epoch, step): resume is exact and a failed batch can be
 rebuilt. The graph: decode (``mixed`` on GPU, ``cpu`` otherwise) -> Lanczos resize -> pad + crop
 (``fn.slice`` with zero padding) -> flip + normalise (``fn.crop_mirror_normalize``, HWC) ->
-channel mix (``fn.coord_transform`` on the channel axis, CAJ) -> CHW -> ``fn.erase``.
+channel mix (``fn.coord_transform`` on the channel axis: grayscale as an affine map of the
+normalised pixel, then CAJ) -> CHW -> ``fn.erase``.
 
 Decode-once cache (``cache=True``): each image is decoded and resized once into a uint8
 ``(N, H, W, 3)`` host tensor (pinned when a GPU exists); later batches feed those pixels to the
@@ -31,12 +32,18 @@ import torch
 from nvidia.dali import fn, pipeline_def, types
 from nvidia.dali.plugin.pytorch import DALIGenericIterator, feed_ndarray
 
-from dist_reid.data.augment import LUMA, AugmentOptions
+from dist_reid.data.augment import (
+    LUMA,
+    PIL_LUMA,
+    RELEASED_ERASING_R1,
+    RELEASED_ERASING_TRIES,
+    AugmentOptions,
+)
 from dist_reid.data.images import ImageDecodeError, load_rgb
 from dist_reid.data.pipeline.torch_loader import sample_seed
 from dist_reid.data.records import MODALITIES, Record
-from dist_reid.data.sampler import ModalityBalancedSampler
 from dist_reid.data.transforms import IMAGENET_MEAN, IMAGENET_STD
+from dist_reid.data.sampler import IdentitySampler
 
 log = logging.getLogger(__name__)
 
@@ -56,29 +63,45 @@ def sample_params(
     """Augmentation parameters of one sample, drawn like the torch pipeline's transforms.
 
     ``start`` is the (x, y) corner of the crop in the resized image (negative = inside the zero
-    padding), ``flip`` 0/1, ``mix`` the 3x3 channel matrix applied to the normalised pixel
-    (identity, one channel replicated, or CAJ's luma gray), ``erase_anchor``/``erase_shape`` the
-    (y, x) box set to 0 after normalisation (shape 0 = nothing erased).
+    padding), ``flip`` 0/1, ``mix``/``shift`` the affine channel map ``mix @ x + shift`` applied
+    to the normalised pixel ``x`` (grayscale, then identity, one channel replicated or CAJ's luma
+    gray), ``erase_anchor``/``erase_shape`` the (y, x) box set to ``options.erasing_fill`` after
+    normalisation (shape 0 = nothing erased). A switch that is off draws nothing, so adding a key
+    at its default leaves the other parameters unchanged.
     """
     rng = np.random.default_rng(seed)
     pad = options.pad
     dx, dy = rng.integers(0, 2 * pad + 1, size=2) if pad else (0, 0)
     flip = int(options.flip and rng.random() < 0.5)
-    mix = np.eye(3, dtype=np.float32)
+    mix = np.eye(3, dtype=np.float64)
+    shift = np.zeros(3, np.float64)
+    if options.grayscale > 0 and rng.random() < options.grayscale:
+        # gray g = sum_j w_j p_j of the raw pixel p_j = std_j x_j + mean_j, normalised per channel
+        w, m, s = (np.asarray(v, np.float64) for v in (PIL_LUMA, options.mean, options.std))
+        mix = (w * s)[None, :] / s[:, None]
+        shift = (w @ m - m) / s
     if options.channel_aug:
         replicate = rng.random() < (0.5 if modality == "visible" else 0.75)
         if replicate:
-            mix = np.zeros((3, 3), np.float32)
-            mix[:, int(rng.integers(3))] = 1.0
+            caj = np.zeros((3, 3), np.float64)
+            caj[:, int(rng.integers(3))] = 1.0
+            mix, shift = caj @ mix, caj @ shift
         elif modality == "infrared" and rng.random() < 0.5:
-            mix = np.tile(np.asarray(LUMA, np.float32), (3, 1))
+            caj = np.tile(np.asarray(LUMA, np.float64), (3, 1))
+            mix, shift = caj @ mix, caj @ shift
     anchor, shape = np.zeros(2, np.float32), np.zeros(2, np.float32)  # fn.erase takes floats
     if options.random_erasing > 0 and rng.random() < options.random_erasing:
-        # torchvision's RandomErasing.get_params: up to 10 tries at an area/aspect that fits
+        # torchvision's RandomErasing.get_params: up to 10 tries at an area/aspect that fits;
+        # released mode: aspect uniform in [r1, 1/r1], up to 100 tries
         low, high = options.erasing_scale
-        for _ in range(10):
+        released = options.erasing_mode == "released"
+        r1 = RELEASED_ERASING_R1
+        for _ in range(RELEASED_ERASING_TRIES if released else 10):
             area = height * width * rng.uniform(low, high)
-            aspect = math.exp(rng.uniform(math.log(0.3), math.log(3.3)))
+            if released:
+                aspect = rng.uniform(r1, 1 / r1)
+            else:
+                aspect = math.exp(rng.uniform(math.log(0.3), math.log(3.3)))
             h, w = round(math.sqrt(area * aspect)), round(math.sqrt(area / aspect))
             if h < height and w < width:
                 anchor = np.array(
@@ -89,7 +112,8 @@ def sample_params(
     return {
         "start": np.array([dx - pad, dy - pad], np.int32),
         "flip": np.array(flip, np.int32),
-        "mix": mix,
+        "mix": mix.astype(np.float32),
+        "shift": shift.astype(np.float32),
         "erase_anchor": anchor,
         "erase_shape": shape,
     }
@@ -108,9 +132,9 @@ def read_bytes(path: str) -> np.ndarray:
     return np.frombuffer(data, dtype=np.uint8)
 
 
-def _augment(images, params, height: int, width: int, dtype):
+def _augment(images, params, height: int, width: int, dtype, mean, std, fill):
     """Pad/crop, flip, normalise, channel mix, CHW, erase — the torch pipeline's order."""
-    start, flip, mix, erase_anchor, erase_shape = params
+    start, flip, mix, shift, erase_anchor, erase_shape = params
     images = fn.slice(
         images,
         start=start,
@@ -122,23 +146,25 @@ def _augment(images, params, height: int, width: int, dtype):
     images = fn.crop_mirror_normalize(
         images,
         mirror=flip,
-        mean=[255.0 * m for m in IMAGENET_MEAN],
-        std=[255.0 * s for s in IMAGENET_STD],
+        mean=[255.0 * m for m in mean],
+        std=[255.0 * s for s in std],
         dtype=types.FLOAT,
         output_layout="HWC",
     )
-    images = fn.coord_transform(images, M=mix)  # innermost axis = channels
+    images = fn.coord_transform(images, M=mix, T=shift)  # innermost axis = channels
     images = fn.transpose(images, perm=[2, 0, 1], output_layout="CHW")
-    images = fn.erase(images, anchor=erase_anchor, shape=erase_shape, axis_names="HW", fill_value=0)
+    images = fn.erase(images, anchor=erase_anchor, shape=erase_shape, axis_names="HW", fill_value=list(fill))
     if dtype != types.FLOAT:
         images = fn.cast(images, dtype=dtype)
     return images
 
 
 @pipeline_def
-def _train_graph(source, height: int, width: int, dtype, gpu: bool, cached: bool):
+def _train_graph(
+    source, height: int, width: int, dtype, gpu: bool, cached: bool, mean, std, fill
+):
     encoded, *params, labels, modalities, cams, indices = fn.external_source(
-        source=source, num_outputs=10, batch=True, device="cpu", no_copy=False
+        source=source, num_outputs=11, batch=True, device="cpu", no_copy=False
     )
     if cached:
         images = encoded.gpu() if gpu else encoded  # already decoded + resized uint8 HWC
@@ -151,7 +177,8 @@ def _train_graph(source, height: int, width: int, dtype, gpu: bool, cached: bool
             interp_type=types.INTERP_LANCZOS3,
             antialias=True,
         )
-    return _augment(images, params, height, width, dtype), labels, modalities, cams, indices
+    images = _augment(images, params, height, width, dtype, mean, std, fill)
+    return images, labels, modalities, cams, indices
 
 
 @pipeline_def
@@ -186,7 +213,7 @@ class _EpochSource:
 
 
 class DaliTrainPipeline:
-    """DALI graph fed by the rank's :class:`ModalityBalancedSampler` (see the module docstring).
+    """DALI graph fed by the rank's identity sampler (see the module docstring).
 
     ``device``: a CUDA device decodes with nvJPEG (``mixed``) and augments on that GPU; ``None`` or
     a CPU device runs the same graph on the CPU. Batches match :class:`TorchTrainPipeline`'s keys;
@@ -199,7 +226,7 @@ class DaliTrainPipeline:
         self,
         records: Sequence[Record],
         labels: dict[int, int],
-        sampler: ModalityBalancedSampler | None,
+        sampler: IdentitySampler | None,
         *,
         height: int,
         width: int,
@@ -298,6 +325,9 @@ class DaliTrainPipeline:
             _DALI_DTYPES[self.dtype],
             self.gpu,
             self.cache is not None,
+            tuple(self.augment.mean),
+            tuple(self.augment.std),
+            tuple(self.augment.erasing_fill),
             batch_size=batch_size,
             num_threads=self.num_threads,
             device_id=self.device_id,
@@ -398,7 +428,8 @@ class DaliTrainPipeline:
             for p, i in enumerate(batch)  # parameters follow the slot, not the replacement
         ]
         columns = [
-            [p[k] for p in params] for k in ("start", "flip", "mix", "erase_anchor", "erase_shape")
+            [p[k] for p in params]
+            for k in ("start", "flip", "mix", "shift", "erase_anchor", "erase_shape")
         ]
         records = [self.records[i] for i in indices]
         # a replacement shares the slot's identity and modality; cam and index are its own
@@ -472,7 +503,8 @@ class _Retry(Exception):
 
 
 class DaliEvalPipeline:
-    """Test-time DALI pipeline: decode + Lanczos resize + normalise, no augmentation.
+    """Test-time DALI pipeline: decode + Lanczos resize + normalise (``mean``/``std``), no
+    augmentation.
 
     ``for images, indices in pipeline`` walks ``records`` in order in batches of ``batch_size``
     (the last one shorter), like a ``DataLoader`` over :class:`RecordImageDataset`.
@@ -488,6 +520,8 @@ class DaliEvalPipeline:
         num_threads: int = 2,
         device: torch.device | str | None = None,
         dtype: torch.dtype = torch.float32,
+        mean: Sequence[float] = IMAGENET_MEAN,
+        std: Sequence[float] = IMAGENET_STD,
     ) -> None:
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
@@ -498,7 +532,7 @@ class DaliEvalPipeline:
             None,
             height=height,
             width=width,
-            augment=AugmentOptions(pad=0, flip=False),
+            augment=AugmentOptions(pad=0, flip=False, mean=tuple(mean), std=tuple(std)),
             num_threads=num_threads,
             device=device,
             dtype=dtype,

@@ -15,7 +15,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 from dist_reid.data.augment import AugmentOptions, build_train_transform
 from dist_reid.data.images import ImageDecodeError, load_rgb
 from dist_reid.data.records import MODALITIES, Record
-from dist_reid.data.sampler import ModalityBalancedSampler
+from dist_reid.data.sampler import IdentitySampler
 
 log = logging.getLogger(__name__)
 
@@ -34,7 +34,7 @@ def sample_seed(seed: int, epoch: int, step: int, position: int) -> int:
 class SeededBatches(Sampler[list[tuple[int, int]]]):
     """Wraps the identity sampler: yields ``(index, augmentation seed)`` lists from a start step."""
 
-    def __init__(self, sampler: ModalityBalancedSampler, seed: int) -> None:
+    def __init__(self, sampler: IdentitySampler, seed: int) -> None:
         self.sampler = sampler
         self.seed = seed
         self.start_step = 0
@@ -121,7 +121,7 @@ class TorchTrainPipeline:
         self,
         records: Sequence[Record],
         labels: dict[int, int],
-        sampler: ModalityBalancedSampler,
+        sampler: IdentitySampler,
         *,
         height: int,
         width: int,
