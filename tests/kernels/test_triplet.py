@@ -227,11 +227,11 @@ def test_no_pairwise_matrix_saved_for_backward():
         pytest.skip("needs the interpreter")
     x = torch.randn(40, 8, requires_grad=True)
     saved = []
-    for mode in ("hard", "weighted"):
+    for mode, form in (("hard", "exact"), ("weighted", "exact"), ("weighted", "official")):
         with torch.autograd.graph.saved_tensors_hooks(
             lambda t: saved.append(tuple(t.shape)) or t, lambda t: t
         ):
-            triplet_mining_loss(x, _labels(40, 4), mode=mode, backend="triton")
+            triplet_mining_loss(x, _labels(40, 4), mode=mode, backend="triton", wrt_form=form)
     assert saved and all(s != (40, 40) for s in saved)
 
 
