@@ -32,8 +32,8 @@ is ``mode="weighted", margin=None``.
 Degenerate anchors, handled the same way by every backend:
 
 * no negative (only one identity in the batch, or N = 1): the anchor has no triplet and is
-  **excluded from the mean** (except with ``wrt_form="official"``, see above); if no anchor has a negative the loss is exactly 0 (with zero
-  gradient). fast-reid reaches the same value another way (``d_an = 1e9``, so hinge and
+  **excluded from the mean** (except with ``wrt_form="official"``, see above); if no anchor
+  has a negative the loss is exactly 0 (with zero gradient). fast-reid reaches the same value another way (``d_an = 1e9``, so hinge and
   softplus both give 0, but such anchors still count in its denominator), torchreid's
   ``TripletLoss`` raises on the empty ``min``, and AGW's WRT sets ``d_an = 0`` and so adds
   ``softplus(d_ap)``.
