@@ -33,8 +33,9 @@ Degenerate anchors, handled the same way by every backend:
 
 * no negative (only one identity in the batch, or N = 1): the anchor has no triplet and is
   **excluded from the mean** (except with ``wrt_form="official"``, see above); if no anchor
-  has a negative the loss is exactly 0 (with zero gradient). fast-reid reaches the same value another way (``d_an = 1e9``, so hinge and
-  softplus both give 0, but such anchors still count in its denominator), torchreid's
+  has a negative the loss is exactly 0 (with zero gradient). fast-reid reaches the same value
+  another way (``d_an = 1e9``, so hinge and softplus both give 0, but such anchors still count
+  in its denominator), torchreid's
   ``TripletLoss`` raises on the empty ``min``, and AGW's WRT sets ``d_an = 0`` and so adds
   ``softplus(d_ap)``.
 * no positive other than itself: the anchor keeps ``d_ap = d_ii = 1e-6`` (the clamp floor) and
@@ -289,7 +290,8 @@ if HAS_TRITON:
         ``d+ = sum w d``, ``w = softmax(d)`` over P: ``dd+/dd_j = w_j (1 + d_j - d+)``;
         ``d- = sum v d``, ``v = softmax(-d)`` over N: ``dd-/dd_j = v_j (1 - d_j + d-)``.
         The official form's weights (``e^d / (Z + eps)``) have the same derivatives given its own
-        ``lse`` and ``d+``, ``d-``; its max term is added by the caller. The ``where`` guards come before any product so exp overflow off-mask never leaks.
+        ``lse`` and ``d+``, ``d-``; its max term is added by the caller. The ``where`` guards
+        come before any product so exp overflow off-mask never leaks.
         """
         w = tl.where(pos, tl.exp(tl.minimum(d - lsep, 0.0)), 0.0)
         v = tl.where(neg, tl.exp(tl.minimum(-d - lsen, 0.0)), 0.0)
