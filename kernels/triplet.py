@@ -35,9 +35,8 @@ Degenerate anchors, handled the same way by every backend:
   **excluded from the mean** (except with ``wrt_form="official"``, see above); if no anchor
   has a negative the loss is exactly 0 (with zero gradient). fast-reid reaches the same value
   another way (``d_an = 1e9``, so hinge and softplus both give 0, but such anchors still count
-  in its denominator), torchreid's
-  ``TripletLoss`` raises on the empty ``min``, and AGW's WRT sets ``d_an = 0`` and so adds
-  ``softplus(d_ap)``.
+  in its denominator), torchreid's ``TripletLoss`` raises on the empty ``min``, and AGW's WRT
+  sets ``d_an = 0`` and so adds ``softplus(d_ap)``.
 * no positive other than itself: the anchor keeps ``d_ap = d_ii = 1e-6`` (the clamp floor) and
   counts, exactly as in the community code whose masks include the diagonal.
 
