@@ -50,10 +50,11 @@ def _compare(
     rtol: float = 1e-5,
     atol: float = 1e-5,
     grad_tol: float = 1e-5,
+    wrt_form: str = "exact",
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Value and gradient of one backend vs the float64 reference on the same (rounded) inputs."""
     x64 = x64.to(dtype).double().requires_grad_()
-    ref = triplet_mining_loss_reference(x64, labels, margin, mode)
+    ref = triplet_mining_loss_reference(x64, labels, margin, mode, wrt_form)
     ref_grad = (
         torch.autograd.grad(ref * grad_scale, x64, allow_unused=True)[0]
         if ref.requires_grad
@@ -62,7 +63,9 @@ def _compare(
     if ref_grad is None:
         ref_grad = torch.zeros_like(x64)
     x = x64.detach().to(dtype).requires_grad_()
-    out = triplet_mining_loss(x, labels, margin=margin, mode=mode, backend=backend)
+    out = triplet_mining_loss(
+        x, labels, margin=margin, mode=mode, backend=backend, wrt_form=wrt_form
+    )
     assert out.shape == () and out.dtype == torch.float32
     (out * grad_scale).backward()
     assert x.grad.dtype == dtype and torch.isfinite(x.grad).all()
@@ -249,8 +252,9 @@ def test_no_pairwise_matrix_saved_for_backward():
     mode=st.sampled_from(["hard", "weighted"]),
     margin=st.sampled_from([0.3, None, 2.0]),
     seed=st.integers(0, 2**31 - 1),
+    form=st.sampled_from(["exact", "official"]),
 )
-def test_random_batches_property(n, num_ids, d, mode, margin, seed):
+def test_random_batches_property(n, num_ids, d, mode, margin, seed, form):
     gen = torch.Generator().manual_seed(seed)  # inputs replay exactly when hypothesis shrinks
     x = torch.randn(n, d, dtype=torch.float64, generator=gen)
     labels = _labels(n, num_ids, gen=gen)
@@ -261,7 +265,7 @@ def test_random_batches_property(n, num_ids, d, mode, margin, seed):
     d_min = float(dist.min()) if n > 1 else 1.0
     atol = 1e-5 + 1e-6 * scale / d_min
     grad_tol = 1e-5 + 1e-6 * scale / d_min**2 / max(n, 1)
-    _compare(x, labels, margin, mode, "triton", atol=atol, grad_tol=grad_tol)
+    _compare(x, labels, margin, mode, "triton", atol=atol, grad_tol=grad_tol, wrt_form=form)
 
 
 # ----------------------------------------------------------------------------------------- GPU
