@@ -27,12 +27,13 @@ from .center import (
 )
 from .dispatch import BACKENDS, HAS_TRITON, INTERPRET, resolve_backend
 from .pairwise import pairwise_distance, pairwise_distance_reference, topk_distances
-from .triplet import triplet_mining_loss, triplet_mining_loss_reference
+from .triplet import WRT_FORMS, triplet_mining_loss, triplet_mining_loss_reference
 
 __all__ = [
     "BACKENDS",
     "HAS_TRITON",
     "INTERPRET",
+    "WRT_FORMS",
     "CenterLosses",
     "center_losses",
     "center_losses_reference",

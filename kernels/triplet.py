@@ -7,9 +7,22 @@ torchreid and AGW's code); negatives ``N(i)`` are the rows with another label.
 
 * ``mode="hard"``: ``d_ap = max_{j in P(i)} d_ij``, ``d_an = min_{j in N(i)} d_ij``; equal
   distances pick the lowest column index.
-* ``mode="weighted"`` (AGW WRT): ``d_ap = sum_{P(i)} softmax_P(d)_j d_ij`` and
-  ``d_an = sum_{N(i)} softmax_N(-d)_j d_ij``. The weights are differentiated through, as in AGW
-  (which also adds 1e-6 to the softmax denominators; we use the exact softmax).
+* ``mode="weighted"`` (AGW WRT): ``d_ap = sum_{P(i)} w_j d_ij`` and ``d_an = sum_{N(i)} v_j d_ij``
+  with softmax weights over the anchor's positives (of ``d``) and negatives (of ``-d``),
+  differentiated through. ``wrt_form`` picks the weights:
+
+  - ``"exact"``: the exact softmaxes ``w = softmax_P(d)``, ``v = softmax_N(-d)``.
+  - ``"official"``: the weights of AGW's released ``TripletLoss_WRT``. Its softmax subtracts the
+    row maximum of the *masked* logits, where masked-out entries count as 0, and adds
+    ``WRT_EPS = 1e-6`` to the denominator: ``w_j = e^(d_j - m) / (sum_P e^(d - m) + 1e-6)``
+    with ``m = max_P d`` (distances are positive, so the max is a positive's), and
+    ``v_j = e^(-d_j) / (sum_N e^(-d) + 1e-6)`` (every negative logit is below the masked 0, so
+    the shift is 0). Once the nearest negatives are ~20 or more apart, ``sum_N e^(-d)`` falls
+    below 1e-6, ``d_an`` collapses towards 0 and the loss becomes ~ ``softplus(d_ap)``: a
+    different training signal from the exact form (gradient cosine ~ 0.4 at mean distance
+    25-30). The max is differentiated through too (it picks the lowest index on ties), which
+    adds ``-d_ap 1e-6 / (sum_P e^(d - m) + 1e-6)`` to ``dd_ap/dd`` at the farthest positive.
+    Anchors without a negative get ``d_an = 0`` and count in the mean, as in that code.
 
 Per anchor, ``l_i = max(d_ap - d_an + margin, 0)``, or ``softplus(d_ap - d_an) =
 log(1 + exp(d_ap - d_an))`` when ``margin is None`` (soft margin). In weighted mode a numeric
@@ -19,11 +32,11 @@ is ``mode="weighted", margin=None``.
 Degenerate anchors, handled the same way by every backend:
 
 * no negative (only one identity in the batch, or N = 1): the anchor has no triplet and is
-  **excluded from the mean**; if no anchor has a negative the loss is exactly 0 (with zero
-  gradient). fast-reid reaches the same value another way (``d_an = 1e9``, so hinge and
-  softplus both give 0, but such anchors still count in its denominator), torchreid's
-  ``TripletLoss`` raises on the empty ``min``, and AGW's WRT sets ``d_an = 0`` and so adds
-  ``softplus(d_ap)``.
+  **excluded from the mean** (except with ``wrt_form="official"``, see above); if no anchor
+  has a negative the loss is exactly 0 (with zero gradient). fast-reid reaches the same value
+  another way (``d_an = 1e9``, so hinge and softplus both give 0, but such anchors still count
+  in its denominator), torchreid's ``TripletLoss`` raises on the empty ``min``, and AGW's WRT
+  sets ``d_an = 0`` and so adds ``softplus(d_ap)``.
 * no positive other than itself: the anchor keeps ``d_ap = d_ii = 1e-6`` (the clamp floor) and
   counts, exactly as in the community code whose masks include the diagonal.
 
@@ -49,6 +62,10 @@ from .dispatch import HAS_TRITON, cdiv, dot_config, new_buffer, resolve_backend,
 from .pairwise import EPS, blocks_for, pairwise_distance_reference
 
 MODES = ("hard", "weighted")
+WRT_FORMS = ("exact", "official")
+# The released WRT's softmax denominator term (see the module docstring), and its log.
+WRT_EPS = 1e-6
+_LOG_WRT_EPS = -13.815510557964274
 
 if HAS_TRITON:
     from .pairwise import _sq_dist_tile
@@ -65,6 +82,7 @@ if HAS_TRITON:
         D_AN,
         LSE_P,
         LSE_N,
+        K_AP,
         OUT,
         N,
         D,
@@ -72,7 +90,10 @@ if HAS_TRITON:
         sxd,
         MARGIN,
         EPS_: tl.constexpr,
+        WRT_EPS_: tl.constexpr,
+        LOG_WRT_EPS_: tl.constexpr,
         WEIGHTED: tl.constexpr,
+        OFFICIAL: tl.constexpr,
         SOFT: tl.constexpr,
         BM: tl.constexpr,
         BN: tl.constexpr,
@@ -93,6 +114,7 @@ if HAS_TRITON:
             mn = tl.full((BM,), ninf, tl.float32)
             zn = tl.zeros((BM,), tl.float32)
             sn = tl.zeros((BM,), tl.float32)
+            ipw = tl.zeros((BM,), tl.int32)  # farthest positive (official form's max)
         else:
             bp = tl.full((BM,), ninf, tl.float32)  # hardest positive distance so far
             ip = tl.zeros((BM,), tl.int32)
@@ -114,7 +136,12 @@ if HAS_TRITON:
             neg = (~same) & cmask[None, :]
             if WEIGHTED:
                 t = tl.where(pos, d, ninf)
-                m_new = tl.maximum(mp, tl.max(t, axis=1))
+                tmax = tl.max(t, axis=1)
+                if OFFICIAL:
+                    # Strict '>' keeps the earlier block on ties: lowest index overall.
+                    targ = tl.argmax(t, axis=1, tie_break_left=True)
+                    ipw = tl.where(tmax > mp, targ + n0, ipw)
+                m_new = tl.maximum(mp, tmax)
                 m_safe = tl.where(m_new == ninf, 0.0, m_new)  # no positive seen yet
                 alpha = tl.exp(mp - m_safe)
                 e = tl.where(pos, tl.exp(d - m_safe[:, None]), 0.0)
@@ -152,12 +179,30 @@ if HAS_TRITON:
             has_neg = zn > 0.0
             zn_safe = tl.where(has_neg, zn, 1.0)
             zp_safe = tl.where(zp > 0.0, zp, 1.0)  # only padding rows have zp = 0
-            d_ap = sp / zp_safe
-            d_an = tl.where(has_neg, sn / zn_safe, 0.0)
+            if OFFICIAL:
+                # w = e^(d - mp) / (zp + eps); v = e^(-d) / (zn e^mn + eps), so
+                # lse_n = logaddexp(mn + log zn, log eps) (no overflow for any distance).
+                mp_safe = tl.where(mp == ninf, 0.0, mp)
+                zp_eps = zp + WRT_EPS_
+                d_ap = sp / zp_eps
+                lse_p = mp_safe + tl.log(zp_eps)
+                a = tl.where(has_neg, mn + tl.log(zn_safe), LOG_WRT_EPS_)
+                hi = tl.maximum(a, LOG_WRT_EPS_)
+                lse_n = hi + tl.log(1.0 + tl.exp(tl.minimum(a, LOG_WRT_EPS_) - hi))
+                d_an = tl.where(has_neg, sn * tl.exp(tl.where(has_neg, mn, 0.0) - lse_n), 0.0)
+                tl.store(K_AP + rows, d_ap * WRT_EPS_ / zp_eps, mask=rmask)
+                tl.store(I_AP + rows, ipw, mask=rmask)
+                valid = tl.full((BM,), 1.0, tl.float32)  # every anchor counts, d_an = 0 if none
+            else:
+                d_ap = sp / zp_safe
+                d_an = tl.where(has_neg, sn / zn_safe, 0.0)
+                lse_p = mp + tl.log(zp_safe)
+                lse_n = tl.where(has_neg, mn + tl.log(zn_safe), 0.0)
+                valid = tl.where(has_neg, 1.0, 0.0)
             tl.store(D_AP + rows, d_ap, mask=rmask)
             tl.store(D_AN + rows, d_an, mask=rmask)
-            tl.store(LSE_P + rows, mp + tl.log(zp_safe), mask=rmask)
-            tl.store(LSE_N + rows, tl.where(has_neg, mn + tl.log(zn_safe), 0.0), mask=rmask)
+            tl.store(LSE_P + rows, lse_p, mask=rmask)
+            tl.store(LSE_N + rows, lse_n, mask=rmask)
         else:
             has_neg = i_n >= 0
             d_ap = tl.sqrt(tl.maximum(sbp, EPS_))
@@ -166,6 +211,7 @@ if HAS_TRITON:
             tl.store(S_AN + rows, sbn, mask=rmask)
             tl.store(I_AP + rows, ip, mask=rmask)
             tl.store(I_AN + rows, i_n, mask=rmask)
+            valid = tl.where(has_neg, 1.0, 0.0)
         # Per-anchor loss, validity and dloss/dz, so the host only sums two rows of OUT.
         z = d_ap - d_an
         if SOFT:
@@ -178,9 +224,9 @@ if HAS_TRITON:
             t = z + MARGIN
             loss = tl.maximum(t, 0.0)
             dz = tl.where(t > 0.0, 1.0, 0.0)  # relu'(0) = 0, as torch
-        tl.store(OUT + rows, tl.where(has_neg, loss, 0.0), mask=rmask)
-        tl.store(OUT + N + rows, tl.where(has_neg, 1.0, 0.0), mask=rmask)
-        tl.store(OUT + 2 * N + rows, tl.where(has_neg, dz, 0.0), mask=rmask)
+        tl.store(OUT + rows, tl.where(valid > 0.0, loss, 0.0), mask=rmask)
+        tl.store(OUT + N + rows, valid, mask=rmask)
+        tl.store(OUT + 2 * N + rows, tl.where(valid > 0.0, dz, 0.0), mask=rmask)
 
     @triton.jit
     def _hard_bwd_kernel(
@@ -242,7 +288,9 @@ if HAS_TRITON:
 
         ``d+ = sum w d``, ``w = softmax(d)`` over P: ``dd+/dd_j = w_j (1 + d_j - d+)``;
         ``d- = sum v d``, ``v = softmax(-d)`` over N: ``dd-/dd_j = v_j (1 - d_j + d-)``.
-        The ``where`` guards come before any product so exp overflow off-mask never leaks.
+        The official form's weights (``e^d / (Z + eps)``) have the same derivatives given its own
+        ``lse`` and ``d+``, ``d-``; its max term is added by the caller. The ``where`` guards
+        come before any product so exp overflow off-mask never leaks.
         """
         w = tl.where(pos, tl.exp(tl.minimum(d - lsep, 0.0)), 0.0)
         v = tl.where(neg, tl.exp(tl.minimum(-d - lsen, 0.0)), 0.0)
@@ -259,6 +307,8 @@ if HAS_TRITON:
         DN,
         LSEP,
         LSEN,
+        KAP,
+        IAP,
         DX,
         N,
         D,
@@ -267,6 +317,7 @@ if HAS_TRITON:
         sdn,
         sdd,
         EPS_: tl.constexpr,
+        OFFICIAL: tl.constexpr,
         BM: tl.constexpr,
         BN: tl.constexpr,
         BK: tl.constexpr,
@@ -279,7 +330,9 @@ if HAS_TRITON:
         G_ij = c_i dz_i/dd_ij is the coefficient of d_ij in anchor i's loss; d_ij = d_ji, so the
         transposed term is the same tile evaluated with the column anchors' statistics. One
         program owns a (BM, BD) block of dx and re-streams the rows, recomputing s (no atomics,
-        deterministic, O(N) saved state).
+        deterministic, O(N) saved state). The official form adds ``-c_i k_i`` to ``G_i,p(i)``,
+        the derivative through its max (``k_i = d+_i eps / (Z_i + eps)``, ``p(i)`` the farthest
+        positive).
         """
         pid_m = tl.program_id(0)
         pid_d = tl.program_id(1)
@@ -295,6 +348,9 @@ if HAS_TRITON:
         dn_i = tl.load(DN + rows, mask=rmask, other=0.0)
         lp_i = tl.load(LSEP + rows, mask=rmask, other=0.0)
         ln_i = tl.load(LSEN + rows, mask=rmask, other=0.0)
+        if OFFICIAL:
+            ck_i = c_i * tl.load(KAP + rows, mask=rmask, other=0.0)
+            ip_i = tl.load(IAP + rows, mask=rmask, other=0).to(tl.int64)
         acc = tl.zeros((BM, BD), dtype=tl.float32)
         rs = tl.zeros((BM,), dtype=tl.float32)
         for n0 in range(0, N, BN):
@@ -335,6 +391,11 @@ if HAS_TRITON:
                 lp_j[None, :],
                 ln_j[None, :],
             )
+            if OFFICIAL:
+                ck_j = c_j * tl.load(KAP + cols, mask=cmask, other=0.0)
+                ip_j = tl.load(IAP + cols, mask=cmask, other=0).to(tl.int64)
+                g -= tl.where(cols[None, :] == ip_i[:, None], ck_i[:, None], 0.0)
+                g -= tl.where(rows[:, None] == ip_j[None, :], ck_j[None, :], 0.0)
             b = tl.where(active, g / d, 0.0)
             rs += tl.sum(b, axis=1)
             xj = tl.load(
@@ -355,27 +416,32 @@ if HAS_TRITON:
         )
 
 
-def _launch_forward(x: torch.Tensor, labels: torch.Tensor, margin: float | None, weighted: bool):
-    """Run the fused forward; returns (out (3, N): loss/valid/dz rows, f0, f1 (fp32 row stats),
-    i0, i1 (int32 row stats)): hard: s_ap, s_an, i_ap, i_an; weighted: d_ap, d_an, lse_p, lse_n.
+def _launch_forward(
+    x: torch.Tensor, labels: torch.Tensor, margin: float | None, weighted: bool, official: bool
+):
+    """Run the fused forward; returns (out (3, N): loss/valid/dz rows, row stats): hard: s_ap,
+    s_an, i_ap, i_an; weighted: d_ap, d_an, lse_p, lse_n, k_ap, i_ap (the last two are read by
+    the official form's backward only).
     """
     n, d = x.shape
     dev = x.device
     out = new_buffer((3, n), dev)
-    f0, f1, f2, f3 = (new_buffer((n,), dev) for _ in range(4))
+    f0, f1, f2, f3, f4 = (new_buffer((n,), dev) for _ in range(5))
     i0 = new_buffer((n,), dev, torch.int32)
     i1 = new_buffer((n,), dev, torch.int32)
     b = blocks_for(dev, x.dtype)
     native, prec = dot_config(x.dtype, dev)
     # Hard mode fills (S_AP, S_AN, I_AP, I_AN) = (f0, f1, i0, i1); weighted mode fills
-    # (D_AP, D_AN, LSE_P, LSE_N) = (f0, f1, f2, f3). The other slots are not touched.
+    # (D_AP, D_AN, LSE_P, LSE_N) = (f0, f1, f2, f3), and the official form also (K_AP, I_AP) =
+    # (f4, i0). The other slots are not touched.
     _triplet_fwd_kernel[(cdiv(n, b["BR"]),)](
-        x, labels, f0, f1, i0, i1, f0, f1, f2, f3, out,
+        x, labels, f0, f1, i0, i1, f0, f1, f2, f3, f4, out,
         n, d, x.stride(0), x.stride(1), 0.0 if margin is None else float(margin), EPS,
-        WEIGHTED=weighted, SOFT=margin is None,
+        WRT_EPS, _LOG_WRT_EPS, WEIGHTED=weighted, OFFICIAL=weighted and official,
+        SOFT=margin is None,
         BM=b["BR"], BN=b["BN"], BK=b["BK"], DOT_NATIVE=native, PREC=prec, num_warps=b["WF"],
     )  # fmt: skip
-    stats = (f0, f1, f2, f3) if weighted else (f0, f1, i0, i1)
+    stats = (f0, f1, f2, f3, f4, i0) if weighted else (f0, f1, i0, i1)
     return out, stats
 
 
@@ -384,29 +450,36 @@ class _TripletLoss(torch.autograd.Function):
 
     @staticmethod
     def forward(
-        ctx, x: torch.Tensor, labels: torch.Tensor, margin: float | None, mode: str
+        ctx,
+        x: torch.Tensor,
+        labels: torch.Tensor,
+        margin: float | None,
+        mode: str,
+        wrt_form: str,
     ) -> torch.Tensor:
         weighted = mode == "weighted"
-        out, stats = _launch_forward(x, labels, margin, weighted)
-        tot = out[:2].sum(dim=1)  # (sum of anchor losses, number of anchors with a negative)
+        official = wrt_form == "official"
+        out, stats = _launch_forward(x, labels, margin, weighted, official)
+        tot = out[:2].sum(dim=1)  # (sum of anchor losses, number of anchors counted)
         ctx.weighted = weighted
+        ctx.official = official
         ctx.save_for_backward(x, labels, out, tot, *stats)
         return tot[0] / tot[1].clamp_min(1.0)
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
         if not ctx.needs_input_grad[0]:
-            return None, None, None, None
+            return None, None, None, None, None
         x, labels, out, tot, *stats = ctx.saved_tensors
         g = grad.float().reshape(1)  # stays on the device: no host sync in backward
         dz, cnt = out[2], tot[1:]
         if ctx.weighted:
-            dx = _wrt_backward(x, labels, dz, g, cnt, *stats)
+            dx = _wrt_backward(x, labels, dz, g, cnt, *stats, official=ctx.official)
         elif torch.are_deterministic_algorithms_enabled():
             dx = _hard_backward_torch(x, dz, g, cnt, *stats)
         else:
             dx = _hard_backward(x, dz, g, cnt, *stats)
-        return dx.to(x.dtype), None, None, None
+        return dx.to(x.dtype), None, None, None, None
 
 
 def _hard_backward(x, dz, g, cnt, s_ap, s_an, i_ap, i_an) -> torch.Tensor:
@@ -440,7 +513,9 @@ def _hard_backward_torch(x, dz, g, cnt, s_ap, s_an, i_ap, i_an) -> torch.Tensor:
     return dx
 
 
-def _wrt_backward(x, labels, dz, g, cnt, d_ap, d_an, lse_p, lse_n) -> torch.Tensor:
+def _wrt_backward(
+    x, labels, dz, g, cnt, d_ap, d_an, lse_p, lse_n, k_ap, i_ap, *, official: bool
+) -> torch.Tensor:
     n, d = x.shape
     dx = new_buffer((n, d), x.device)
     if n == 0 or d == 0:
@@ -448,8 +523,8 @@ def _wrt_backward(x, labels, dz, g, cnt, d_ap, d_an, lse_p, lse_n) -> torch.Tens
     b = blocks_for(x.device, x.dtype)
     native, prec = dot_config(x.dtype, x.device)
     _wrt_bwd_kernel[(cdiv(n, b["BR"]), cdiv(d, b["BD"]))](
-        x, labels, dz, g, cnt, d_ap, d_an, lse_p, lse_n, dx,
-        n, d, x.stride(0), x.stride(1), dx.stride(0), dx.stride(1), EPS,
+        x, labels, dz, g, cnt, d_ap, d_an, lse_p, lse_n, k_ap, i_ap, dx,
+        n, d, x.stride(0), x.stride(1), dx.stride(0), dx.stride(1), EPS, OFFICIAL=official,
         BM=b["BR"], BN=b["BN"], BK=b["BK"], BD=b["BD"], DOT_NATIVE=native, PREC=prec,
         num_warps=b["WB"],
     )  # fmt: skip
@@ -475,10 +550,25 @@ def _lowest_index_where(mask: torch.Tensor) -> torch.Tensor:
     return torch.where(mask, idx, torch.full_like(idx, n)).min(dim=1).values
 
 
+def _official_wrt_weights(logits: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """The released WRT's row weights (module docstring): the shift is the row max of
+    ``logits * mask`` (masked entries count as 0; ``max`` sends its gradient to the first
+    maximum), and ``WRT_EPS`` joins the denominator."""
+    shift = (logits * mask).max(dim=1, keepdim=True).values
+    e = torch.exp(logits - shift) * mask
+    return e / (e.sum(dim=1, keepdim=True) + WRT_EPS)
+
+
 def triplet_mining_loss_reference(
-    x: torch.Tensor, labels: torch.Tensor, margin: float | None = 0.3, mode: str = "hard"
+    x: torch.Tensor,
+    labels: torch.Tensor,
+    margin: float | None = 0.3,
+    mode: str = "hard",
+    wrt_form: str = "exact",
 ) -> torch.Tensor:
     """Plain-torch ground truth of :func:`triplet_mining_loss` (float64-capable)."""
+    if wrt_form not in WRT_FORMS:
+        raise ValueError(f"wrt_form must be one of {WRT_FORMS}, got {wrt_form!r}")
     dist = pairwise_distance_reference(x)
     n = dist.shape[0]
     pos = labels[:, None] == labels[None, :]
@@ -494,6 +584,14 @@ def triplet_mining_loss_reference(
         i_n = i_n.clamp_max(n - 1)  # anchors without negatives: any column, masked below
         d_ap = dist.gather(1, ip[:, None]).squeeze(1)
         d_an = torch.where(valid, dist.gather(1, i_n[:, None]).squeeze(1), torch.zeros_like(d_ap))
+    elif mode == "weighted" and wrt_form == "official":
+        if n == 0:
+            return dist.sum()
+        posf, negf = pos.to(dist.dtype), neg.to(dist.dtype)
+        d_pos, d_neg = dist * posf, dist * negf
+        d_ap = (d_pos * _official_wrt_weights(d_pos, posf)).sum(dim=1)
+        d_an = (d_neg * _official_wrt_weights(-d_neg, negf)).sum(dim=1)
+        valid = torch.ones_like(valid)  # every anchor counts (d_an = 0 without a negative)
     elif mode == "weighted":
         ninf = torch.full_like(dist, float("-inf"))
         w_p = torch.softmax(torch.where(pos, dist, ninf), dim=1)  # self is always positive
@@ -518,9 +616,11 @@ def triplet_mining_loss(
     margin: float | None = 0.3,
     mode: str = "hard",
     backend: str = "auto",
+    wrt_form: str = "exact",
 ) -> torch.Tensor:
     """Scalar mean over anchors of ``[d_ap - d_an + margin]_+`` (``softplus(d_ap - d_an)`` when
-    ``margin is None``), mining in the batch; see the module docstring for the modes and the
+    ``margin is None``), mining in the batch; see the module docstring for the modes, the two
+    forms of the weighted mode (``wrt_form="exact" | "official"``, ignored in hard mode) and the
     handling of anchors without negatives or without other positives.
 
     ``x`` (N, D) float features (bf16/fp16 upcast to fp32; float64 on the torch backend),
@@ -529,6 +629,8 @@ def triplet_mining_loss(
     """
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+    if wrt_form not in WRT_FORMS:
+        raise ValueError(f"wrt_form must be one of {WRT_FORMS}, got {wrt_form!r}")
     if x.dim() != 2 or not x.is_floating_point():
         raise ValueError(f"x must be a 2-D float tensor, got {tuple(x.shape)} {x.dtype}")
     if labels.shape != (x.shape[0],) or labels.is_floating_point():
@@ -537,10 +639,16 @@ def triplet_mining_loss(
             f"{tuple(labels.shape)} {labels.dtype}"
         )
     if resolve_backend(backend, x, labels) == "torch":
-        return triplet_mining_loss_reference(x, labels, margin, mode)
+        return triplet_mining_loss_reference(x, labels, margin, mode, wrt_form)
     if x.shape[0] == 0:
         return x.float().sum() * 0.0
-    return _TripletLoss.apply(x, labels.contiguous(), margin, mode)
+    return _TripletLoss.apply(x, labels.contiguous(), margin, mode, wrt_form)
 
 
-__all__ = ["MODES", "triplet_mining_loss", "triplet_mining_loss_reference"]
+__all__ = [
+    "MODES",
+    "WRT_EPS",
+    "WRT_FORMS",
+    "triplet_mining_loss",
+    "triplet_mining_loss_reference",
+]

@@ -1,7 +1,8 @@
 """``dist-reid bench kernels``: the reid_kernels ops against eager torch, torch.compile and cdist.
 
-For each loss (pairwise distance, batch-hard triplet, weighted triplet, center losses) and each
-batch size x feature width, one forward + backward is timed (median of repeats after warm-up;
+For each loss (pairwise distance, batch-hard triplet, weighted triplet in its exact form and in
+the released code's (``triplet_weighted_official``: ``wrt_form="official"``), center losses) and
+each batch size x feature width, one forward + backward is timed (median of repeats after warm-up;
 CUDA events on a GPU) with its peak extra memory (``torch.cuda.max_memory_allocated`` above what
 was allocated before the call; ``None`` on CPU). Providers:
 
@@ -29,7 +30,13 @@ import torch
 
 from dist_reid.bench.common import machine_info, markdown_table, write_report
 
-LOSS_OPS = ("pairwise", "triplet_hard", "triplet_weighted", "center")
+LOSS_OPS = (
+    "pairwise",
+    "triplet_hard",
+    "triplet_weighted",
+    "triplet_weighted_official",
+    "center",
+)
 DEFAULT_SIZES = (64, 128, 256, 512, 1024)
 DEFAULT_WIDTHS = (512, 768, 2048)
 QUICK_SIZES = (64, 256, 1024)
@@ -98,11 +105,12 @@ def _op_fn(op: str, provider: str) -> Callable[..., torch.Tensor]:
         if provider == "cdist":
             return lambda x, lab, mod, tab: torch.cdist(x.float(), x.float()).sum()
         return lambda x, lab, mod, tab: rk.pairwise_distance(x, backend=backend).sum()
-    if op in ("triplet_hard", "triplet_weighted"):
+    if op in ("triplet_hard", "triplet_weighted", "triplet_weighted_official"):
         mode = op.split("_")[1]
         margin = 0.3 if mode == "hard" else None
+        form = "official" if op.endswith("_official") else "exact"
         return lambda x, lab, mod, tab: rk.triplet_mining_loss(
-            x, lab, margin=margin, mode=mode, backend=backend
+            x, lab, margin=margin, mode=mode, backend=backend, wrt_form=form
         )
     if op == "center":
         return lambda x, lab, mod, tab: rk.center_losses(x, lab, mod, tab, backend=backend).total

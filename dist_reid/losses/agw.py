@@ -6,13 +6,19 @@ import torch
 from torch import nn
 
 from dist_reid.losses.identity import identity_loss
-from dist_reid.losses.triplet import batch_hard_triplet, weighted_regularized_triplet
+from dist_reid.losses.triplet import (
+    batch_hard_triplet,
+    check_wrt_form,
+    weighted_regularized_triplet,
+)
 
 
 class AGWLoss(nn.Module):
     """``L = id_weight * CE + triplet_weight * (WRT | batch-hard)``; returns the named terms.
 
     ``triplet="hard"`` with ``margin=0.3`` is the reference's non-AGW baseline loss.
+    ``wrt_form``: ``"official"`` (the released code's WRT weights, default) or ``"exact"``
+    (exact softmaxes); see :func:`weighted_regularized_triplet`.
     """
 
     def __init__(
@@ -23,10 +29,12 @@ class AGWLoss(nn.Module):
         margin: float | None = 0.3,
         label_smoothing: float = 0.0,
         kernels: str = "auto",
+        wrt_form: str = "official",
     ) -> None:
         super().__init__()
         if triplet not in {"wrt", "hard"}:
             raise ValueError(f"loss.triplet must be 'wrt' or 'hard', got {triplet!r}")
+        self.wrt_form = check_wrt_form(wrt_form)
         self.id_weight = id_weight
         self.triplet_weight = triplet_weight
         self.triplet = triplet
@@ -42,7 +50,9 @@ class AGWLoss(nn.Module):
             "id": self.id_weight * identity_loss(outputs["logits"], labels, self.label_smoothing)
         }
         if self.triplet == "wrt":
-            tri = weighted_regularized_triplet(outputs["features"], labels, self.kernels)
+            tri = weighted_regularized_triplet(
+                outputs["features"], labels, self.kernels, self.wrt_form
+            )
         else:
             tri = batch_hard_triplet(outputs["features"], labels, self.margin, self.kernels)
         terms[self.triplet] = self.triplet_weight * tri

@@ -25,7 +25,11 @@ from reid_kernels import segment_mean
 from torch import nn
 
 from dist_reid.losses.identity import identity_loss
-from dist_reid.losses.triplet import batch_hard_triplet, weighted_regularized_triplet
+from dist_reid.losses.triplet import (
+    batch_hard_triplet,
+    check_wrt_form,
+    weighted_regularized_triplet,
+)
 
 _DIVERGENCES = ("w2", "kl")
 _SCOPES = ("batch", "identity")
@@ -101,9 +105,16 @@ def distribution_consistency(
     ).mean()
 
 
-def _triplet(kind: str, x: torch.Tensor, y: torch.Tensor, margin: float | None, backend: str):
+def _triplet(
+    kind: str,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    margin: float | None,
+    backend: str,
+    wrt_form: str = "official",
+):
     if kind == "wrt":
-        return weighted_regularized_triplet(x, y, backend)
+        return weighted_regularized_triplet(x, y, backend, wrt_form)
     return batch_hard_triplet(x, y, margin, backend)
 
 
@@ -122,6 +133,8 @@ class EMIFLoss(nn.Module):
     * ``intra`` (``"hard"`` | ``"wrt"`` | ``"none"``) with ``intra_margin``: the intra-modality
       metric loss on each branch's pre-BN features, over that modality's samples only.
     * ``id_weight``, ``triplet_weight``, ``branch_id_weight``, ``intra_weight`` (all 1.0).
+    * ``wrt_form`` (``"official"`` | ``"exact"``) for every WRT term: the weights as AGW's
+      released code computes them (EMIF is built on AGW) or exact softmaxes.
     """
 
     def __init__(
@@ -142,8 +155,10 @@ class EMIFLoss(nn.Module):
         intra_weight: float = 1.0,
         label_smoothing: float = 0.0,
         kernels: str = "auto",
+        wrt_form: str = "official",
     ) -> None:
         super().__init__()
+        self.wrt_form = check_wrt_form(wrt_form)
         checks = {
             "divergence": (divergence, _DIVERGENCES),
             "dist_scope": (dist_scope, _SCOPES),
@@ -183,7 +198,12 @@ class EMIFLoss(nn.Module):
         terms = {"id": self.id_weight * identity_loss(outputs["logits"], labels, ls)}
         if self.triplet != "none":
             tri = _triplet(
-                self.triplet, outputs["features"], labels, self.triplet_margin, self.kernels
+                self.triplet,
+                outputs["features"],
+                labels,
+                self.triplet_margin,
+                self.kernels,
+                self.wrt_form,
             )
             terms["triplet"] = self.triplet_weight * tri
         branch_id = outputs["branch_logits"].sum() * 0.0
@@ -200,6 +220,7 @@ class EMIFLoss(nn.Module):
                     labels[rows],
                     self.intra_margin,
                     self.kernels,
+                    self.wrt_form,
                 )
         terms["branch_id"] = self.branch_id_weight * branch_id
         if self.intra != "none":

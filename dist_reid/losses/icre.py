@@ -22,7 +22,11 @@ from reid_kernels import center_losses, pairwise_distance, segment_mean
 from torch import nn
 
 from dist_reid.losses.identity import identity_loss
-from dist_reid.losses.triplet import batch_hard_triplet, weighted_regularized_triplet
+from dist_reid.losses.triplet import (
+    batch_hard_triplet,
+    check_wrt_form,
+    weighted_regularized_triplet,
+)
 
 _FEATURES = ("features", "bn_features")
 
@@ -87,6 +91,8 @@ class ICRELoss(nn.Module):
       None = soft margin): the three parts of the candidate ICG.
     * ``triplet`` (``"none"`` | ``"wrt"`` | ``"hard"``) with ``triplet_weight`` and
       ``triplet_margin``: the paper names only ID + ICG, so no triplet by default.
+    * ``wrt_form`` (``"official"`` | ``"exact"``): the WRT weights, as AGW's released code
+      computes them (ICRE is built on AGW) or exact softmaxes.
     """
 
     def __init__(
@@ -105,8 +111,10 @@ class ICRELoss(nn.Module):
         triplet_weight: float = 1.0,
         triplet_margin: float | None = 0.3,
         kernels: str = "auto",
+        wrt_form: str = "official",
     ) -> None:
         super().__init__()
+        self.wrt_form = check_wrt_form(wrt_form)
         if icg_feature not in _FEATURES:
             raise ValueError(
                 f"loss.options.icg_feature must be one of {_FEATURES}, got {icg_feature!r}"
@@ -146,7 +154,9 @@ class ICRELoss(nn.Module):
         for name, value in icg.items():
             terms[f"icg_{name}"] = self.lambda_icg * self.weights[name] * value
         if self.triplet == "wrt":
-            tri = weighted_regularized_triplet(outputs["features"], labels, self.kernels)
+            tri = weighted_regularized_triplet(
+                outputs["features"], labels, self.kernels, self.wrt_form
+            )
             terms["triplet"] = self.triplet_weight * tri
         elif self.triplet == "hard":
             tri = batch_hard_triplet(outputs["features"], labels, self.triplet_margin, self.kernels)

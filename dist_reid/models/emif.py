@@ -39,6 +39,8 @@ class EMIF(nn.Module):
       pre-BN feature, or the shared BN feature concatenated with the query modality's branch BN
       feature (whether the paper concatenates is unknown).
     * ``non_local`` (False): AGW's non-local blocks in the backbone.
+      ``non_local_width`` (``"official"``: AGW's released width of 1 inter-channel |
+      ``"half"``: C/2).
     """
 
     def __init__(
@@ -48,6 +50,7 @@ class EMIF(nn.Module):
         pretrained: str | os.PathLike[str] | None = None,
         last_stride: int = 1,
         non_local: bool = False,
+        non_local_width: str = "official",
         branch: str = "stage4",
         branch_dim: int = 512,
         gem_p: float = 3.0,
@@ -61,7 +64,11 @@ class EMIF(nn.Module):
                 f"model.options.test_feature must be one of {_TEST}, got {test_feature!r}"
             )
         self.backbone = TwoStreamResNet(
-            backbone, pretrained, last_stride, (0, 2, 3, 0) if non_local else (0, 0, 0, 0)
+            backbone,
+            pretrained,
+            last_stride,
+            (0, 2, 3, 0) if non_local else (0, 0, 0, 0),
+            non_local_width,
         )
         dim = self.backbone.out_channels
         self.branch_type = branch

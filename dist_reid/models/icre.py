@@ -128,6 +128,8 @@ class ICRE(nn.Module):
       only feeds SDCE, so ``use_mpfr`` without ``use_sdce`` is refused.
     * ``test_feature`` (``"bn"`` | ``"pool"``): BN feature (cosine) or the pre-BN one.
     * ``non_local`` (False): AGW's non-local blocks in the backbone (not mentioned by ICRE).
+      ``non_local_width`` (``"official"``: AGW's released width of 1 inter-channel |
+      ``"half"``: C/2).
     """
 
     def __init__(
@@ -137,6 +139,7 @@ class ICRE(nn.Module):
         pretrained: str | os.PathLike[str] | None = None,
         last_stride: int = 1,
         non_local: bool = False,
+        non_local_width: str = "official",
         mpfr_channels: int = 512,
         mpfr_resample: str = "avgpool",
         sdce_heads: int = 8,
@@ -158,7 +161,11 @@ class ICRE(nn.Module):
                 f"model.options.test_feature must be 'bn' or 'pool', got {test_feature!r}"
             )
         self.backbone = TwoStreamResNet(
-            backbone, pretrained, last_stride, (0, 2, 3, 0) if non_local else (0, 0, 0, 0)
+            backbone,
+            pretrained,
+            last_stride,
+            (0, 2, 3, 0) if non_local else (0, 0, 0, 0),
+            non_local_width,
         )
         dim = self.backbone.out_channels
         # torchvision ResNets double the width per stage: stages 2-4 have dim/4, dim/2, dim.

@@ -25,7 +25,8 @@ def _set_last_stride(stage: nn.Sequential, stride: int) -> None:
 
 def _insert_non_local(stage: nn.Sequential, count: int, width: str) -> nn.Sequential:
     """Non-local blocks after the last ``count`` residual blocks of a stage (AGW: stage 2 x2,
-    stage 3 x3). ``width="official"`` keeps the reference code's 1 inter-channel."""
+    stage 3 x3). ``width="official"`` keeps the released code's 1 inter-channel (its
+    ``Non_local`` divides the reduction ratio by itself); ``"half"`` uses C/2."""
     blocks = list(stage)
     channels = (
         blocks[-1].bn2.num_features
@@ -54,14 +55,15 @@ class TwoStreamResNet(nn.Module):
         pretrained: str | os.PathLike[str] | None = None,
         last_stride: int = 1,
         non_local: tuple[int, int, int, int] = (0, 2, 3, 0),
-        non_local_width: str = "half",
+        non_local_width: str = "official",
     ) -> None:
         super().__init__()
         if arch not in {"resnet18", "resnet34", "resnet50", "resnet101", "resnet152"}:
             raise ValueError(f"model.backbone: {arch!r} is not a torchvision ResNet")
         if non_local_width not in {"half", "official"}:
             raise ValueError(
-                f"model.non_local_width must be 'half' or 'official', got {non_local_width!r}"
+                f"model.options.non_local_width must be 'official' or 'half', "
+                f"got {non_local_width!r}"
             )
         base = torchvision.models.get_model(arch, weights=None)
         # Loaded before the stem is copied: both streams start from the same weights, as in

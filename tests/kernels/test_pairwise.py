@@ -344,6 +344,7 @@ def test_benchmark_smoke_cpu(tmp_path):
         ("pairwise", "cdist"),
         ("triplet_hard", "torch"),
         ("triplet_weighted", "torch"),
+        ("triplet_weighted_official", "torch"),
         ("center", "torch"),
     } <= ops
     assert all(r["error"] is None and r["ms"] > 0 for r in payload["rows"])

@@ -3,6 +3,7 @@ anchors, ties, duplicated rows, half inputs; NaN-poisoned buffers throughout."""
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -49,10 +50,11 @@ def _compare(
     rtol: float = 1e-5,
     atol: float = 1e-5,
     grad_tol: float = 1e-5,
+    wrt_form: str = "exact",
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Value and gradient of one backend vs the float64 reference on the same (rounded) inputs."""
     x64 = x64.to(dtype).double().requires_grad_()
-    ref = triplet_mining_loss_reference(x64, labels, margin, mode)
+    ref = triplet_mining_loss_reference(x64, labels, margin, mode, wrt_form)
     ref_grad = (
         torch.autograd.grad(ref * grad_scale, x64, allow_unused=True)[0]
         if ref.requires_grad
@@ -61,7 +63,9 @@ def _compare(
     if ref_grad is None:
         ref_grad = torch.zeros_like(x64)
     x = x64.detach().to(dtype).requires_grad_()
-    out = triplet_mining_loss(x, labels, margin=margin, mode=mode, backend=backend)
+    out = triplet_mining_loss(
+        x, labels, margin=margin, mode=mode, backend=backend, wrt_form=wrt_form
+    )
     assert out.shape == () and out.dtype == torch.float32
     (out * grad_scale).backward()
     assert x.grad.dtype == dtype and torch.isfinite(x.grad).all()
@@ -226,11 +230,11 @@ def test_no_pairwise_matrix_saved_for_backward():
         pytest.skip("needs the interpreter")
     x = torch.randn(40, 8, requires_grad=True)
     saved = []
-    for mode in ("hard", "weighted"):
+    for mode, form in (("hard", "exact"), ("weighted", "exact"), ("weighted", "official")):
         with torch.autograd.graph.saved_tensors_hooks(
             lambda t: saved.append(tuple(t.shape)) or t, lambda t: t
         ):
-            triplet_mining_loss(x, _labels(40, 4), mode=mode, backend="triton")
+            triplet_mining_loss(x, _labels(40, 4), mode=mode, backend="triton", wrt_form=form)
     assert saved and all(s != (40, 40) for s in saved)
 
 
@@ -248,8 +252,9 @@ def test_no_pairwise_matrix_saved_for_backward():
     mode=st.sampled_from(["hard", "weighted"]),
     margin=st.sampled_from([0.3, None, 2.0]),
     seed=st.integers(0, 2**31 - 1),
+    form=st.sampled_from(["exact", "official"]),
 )
-def test_random_batches_property(n, num_ids, d, mode, margin, seed):
+def test_random_batches_property(n, num_ids, d, mode, margin, seed, form):
     gen = torch.Generator().manual_seed(seed)  # inputs replay exactly when hypothesis shrinks
     x = torch.randn(n, d, dtype=torch.float64, generator=gen)
     labels = _labels(n, num_ids, gen=gen)
@@ -260,7 +265,7 @@ def test_random_batches_property(n, num_ids, d, mode, margin, seed):
     d_min = float(dist.min()) if n > 1 else 1.0
     atol = 1e-5 + 1e-6 * scale / d_min
     grad_tol = 1e-5 + 1e-6 * scale / d_min**2 / max(n, 1)
-    _compare(x, labels, margin, mode, "triton", atol=atol, grad_tol=grad_tol)
+    _compare(x, labels, margin, mode, "triton", atol=atol, grad_tol=grad_tol, wrt_form=form)
 
 
 # ----------------------------------------------------------------------------------------- GPU
@@ -277,3 +282,211 @@ def test_gpu_matches_reference(n, num_ids, d, mode, dtype):
     tol = 1e-4 if dtype == torch.float32 else 2e-2
     for margin in MARGINS:
         _compare(x, labels, margin, mode, "auto", dtype=dtype, rtol=1e-4, atol=1e-4, grad_tol=tol)
+
+
+# ------------------------------------------------------------------------- WRT: both forms
+FORMS = ("exact", "official")
+
+
+def _scaled(seed: int, n: int, d: int, p: int, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """numpy default_rng(seed) features whose mean pairwise distance is ~ ``scale`` (pre-BN AGW
+    features reach 20-30) and ``n`` labels cycling over ``p`` identities, shuffled."""
+    rng = np.random.default_rng(seed)
+    x = rng.standard_normal((n, d)) * (scale / np.sqrt(2 * d))
+    return torch.from_numpy(x), torch.from_numpy(rng.permutation(np.arange(n) % p))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("scale", [1.0, 10.0, 30.0])
+@pytest.mark.parametrize("form", FORMS)
+@pytest.mark.parametrize("n, num_ids, d", [(1, 1, 5), (6, 6, 9), (37, 5, 23), (70, 9, 40)])
+def test_wrt_forms_match_float64_reference_at_feature_scales(n, num_ids, d, form, scale, backend):
+    """Both WRT forms, values and gradients, against the float64 reference at mean pairwise
+    distance 1, 10 and 30 (where the official form's negative term has collapsed)."""
+    _skip_unless_runnable(backend)
+    x = torch.randn(n, d, dtype=torch.float64) * (scale / (2 * d) ** 0.5)
+    labels = _labels(n, num_ids)
+    x32 = x.float().double().requires_grad_()
+    ref = triplet_mining_loss_reference(x32, labels, None, "weighted", form)
+    (ref_grad,) = torch.autograd.grad(ref * 1.7, x32)
+    xk = x.float().requires_grad_()
+    out = triplet_mining_loss(xk, labels, None, "weighted", backend, wrt_form=form)
+    (out * 1.7).backward()
+    torch.testing.assert_close(out.double(), ref.detach(), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(xk.grad.double(), ref_grad, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_official_form_with_a_margin(backend):
+    """A numeric margin hinges the official weighted distances, like the exact form."""
+    _skip_unless_runnable(backend)
+    x, labels = _scaled(11, 29, 13, 4, 30.0)
+    xr = x.float().double().requires_grad_()
+    ref = triplet_mining_loss_reference(xr, labels, 0.3, "weighted", "official")
+    (ref_grad,) = torch.autograd.grad(ref, xr)
+    xk = x.float().requires_grad_()
+    got = triplet_mining_loss(xk, labels, 0.3, "weighted", backend, wrt_form="official")
+    got.backward()
+    torch.testing.assert_close(got.double(), ref.detach(), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(xk.grad.double(), ref_grad, rtol=1e-5, atol=1e-5)
+
+
+# Released figures. AGW's released code (mangye16/Cross-Modal-Re-ID-baseline, loss.py), run
+# outside this project with torch 2.14 CPU in float64: TripletLoss_WRT()(x, labels)[0] and the
+# gradient of that loss wrt x, on (x, labels) = _scaled(seed, n, d, p, scale) above (numpy
+# default_rng(seed): x = standard_normal((n, d)) * scale / sqrt(2 d), then
+# labels = permutation(arange(n) % p)). Columns: loss, |grad|, grad[0, 0], grad[-1, -1].
+RELEASED_WRT = {
+    (0, 24, 16, 4, 1.0): (
+        0.6682720256988562,
+        0.08179452114415804,
+        0.0010866997850171177,
+        -0.002143666157505578,
+    ),
+    (1, 24, 16, 4, 10.0): (
+        3.258001091885424,
+        0.4069713385910221,
+        -0.020861440984441423,
+        0.02116951668136402,
+    ),
+    (2, 24, 16, 4, 30.0): (
+        35.052925823543625,
+        0.4924835223666731,
+        0.009091606679009845,
+        -0.027920976877092794,
+    ),
+    (3, 37, 23, 5, 30.0): (
+        34.29975210075615,
+        0.3586259155254872,
+        0.017670711500521383,
+        -0.0005035869262080077,
+    ),
+    # one identity: no negative anywhere, d_an = 0 and every anchor counts
+    (5, 6, 5, 1, 3.0): (
+        2.640495060119491,
+        0.6863254098406188,
+        -0.028676426701680805,
+        -0.09834509935246365,
+    ),
+    # a realistic batch: 8 ids x 8 images, 2048-d (torch backend only: too big for the
+    # interpreter)
+    (4, 64, 2048, 8, 25.0): (
+        25.047243946461883,
+        0.20023180531598678,
+        -0.00013059699952113805,
+        0.0004143602629117014,
+    ),
+}
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("case", list(RELEASED_WRT), ids=str)
+def test_official_form_reproduces_the_released_wrt(case, backend):
+    _skip_unless_runnable(backend)
+    if backend == "triton" and case[2] > 100:
+        pytest.skip("2048-d is too slow under the interpreter (the torch backend runs it)")
+    loss_want, norm_want, first_want, last_want = RELEASED_WRT[case]
+    x, labels = _scaled(*case)
+    dtype = torch.float64 if backend == "torch" else torch.float32
+    tol = 1e-9 if backend == "torch" else 2e-5
+    x = x.to(dtype).requires_grad_()
+    loss = triplet_mining_loss(x, labels, None, "weighted", backend, wrt_form="official")
+    loss.backward()
+    g = x.grad.double()
+    assert float(loss.detach()) == pytest.approx(loss_want, rel=tol)
+    assert float(g.norm()) == pytest.approx(norm_want, rel=tol)
+    assert float(g[0, 0]) == pytest.approx(first_want, rel=10 * tol, abs=tol * norm_want)
+    assert float(g[-1, -1]) == pytest.approx(last_want, rel=10 * tol, abs=tol * norm_want)
+
+
+# Gradient cosine between the released TripletLoss_WRT and an exact-softmax WRT (written
+# independently), both float64, on _scaled(seed, 64, 2048, 8, scale) -- computed outside the
+# project as above. At mean distance 25-30 the two training signals point ~65 degrees apart.
+RELEASED_VS_EXACT_COSINE = {
+    (4, 25.0): 0.40412170394136104,
+    (6, 30.0): 0.4487998559006346,
+    (7, 1.0): 0.9999999999999134,
+}
+
+
+@pytest.mark.parametrize("case", list(RELEASED_VS_EXACT_COSINE), ids=str)
+def test_forms_gradient_cosine_matches_the_released_code(case):
+    seed, scale = case
+    x, labels = _scaled(seed, 64, 2048, 8, scale)
+    grads = []
+    for form in FORMS:
+        xg = x.clone().requires_grad_()
+        triplet_mining_loss_reference(xg, labels, None, "weighted", form).backward()
+        grads.append(xg.grad.flatten())
+    cos = float(F.cosine_similarity(grads[0], grads[1], dim=0))
+    assert cos == pytest.approx(RELEASED_VS_EXACT_COSINE[case], abs=1e-9)
+
+
+def test_official_form_written_out():
+    """The official weights by hand: positives shifted by their max, negatives by 0 (the
+    masked entries' value), 1e-6 in both denominators; the mean runs over every anchor."""
+    x, labels = _scaled(3, 15, 7, 3, 12.0)
+    dist = torch.cdist(x, x).fill_diagonal_(1e-6)
+    pos = labels[:, None] == labels[None, :]
+    e_p = torch.where(pos, torch.exp(dist - torch.where(pos, dist, 0.0).amax(1, keepdim=True)), 0)
+    e_n = torch.where(pos, 0.0, torch.exp(-dist))
+    d_ap = (e_p * dist).sum(1) / (e_p.sum(1) + 1e-6)
+    d_an = (e_n * dist).sum(1) / (e_n.sum(1) + 1e-6)
+    want = F.softplus(d_ap - d_an).mean()
+    got = triplet_mining_loss_reference(x, labels, None, "weighted", "official")
+    assert float(got) == pytest.approx(float(want), rel=1e-12)
+
+
+def test_official_reference_gradcheck():
+    x, labels = _scaled(8, 9, 5, 3, 2.0)
+    x = x.requires_grad_()
+    for margin in (None, 0.3):
+        assert torch.autograd.gradcheck(
+            lambda t, m=margin: triplet_mining_loss_reference(t, labels, m, "weighted", "official"),
+            (x,),
+        )
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_official_form_exact_ties(backend):
+    """Integer features: equal farthest positives; the max's gradient goes to the lowest index
+    in both the kernel and the reference (torch.max)."""
+    _skip_unless_runnable(backend)
+    x = torch.tensor(
+        [[0, 0], [3, 4], [0, 0], [-3, 4], [3, -4], [0, 5], [5, 0], [0, 0]], dtype=torch.float64
+    )
+    labels = torch.tensor([0, 0, 1, 0, 1, 1, 0, 1])
+    x32 = x.requires_grad_()
+    ref = triplet_mining_loss_reference(x32, labels, None, "weighted", "official")
+    (ref_grad,) = torch.autograd.grad(ref, x32)
+    xk = x.detach().float().requires_grad_()
+    out = triplet_mining_loss(xk, labels, None, "weighted", backend, wrt_form="official")
+    out.backward()
+    torch.testing.assert_close(out.double(), ref.detach(), rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(xk.grad.double(), ref_grad, rtol=1e-6, atol=1e-6)
+
+
+def test_rejects_unknown_wrt_form():
+    x = torch.randn(4, 3)
+    for fn in (triplet_mining_loss, triplet_mining_loss_reference):
+        with pytest.raises(ValueError, match="wrt_form"):
+            fn(x, torch.zeros(4, dtype=torch.long), None, "weighted", wrt_form="softmax")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("scale", [1.0, 10.0, 30.0])
+@pytest.mark.parametrize("n, num_ids, d", [(6, 6, 9), (70, 9, 40), (64, 8, 2048)])
+def test_gpu_official_form_matches_reference(n, num_ids, d, scale, dtype):
+    _skip_unless_runnable("triton", "cuda")
+    x = torch.randn(n, d, dtype=torch.float64, device="cuda") * (scale / (2 * d) ** 0.5)
+    labels = _labels(n, num_ids, "cuda")
+    tol = 1e-4 if dtype == torch.float32 else 2e-2
+    xr = x.to(dtype).double().requires_grad_()
+    ref = triplet_mining_loss_reference(xr, labels, None, "weighted", "official")
+    (ref_grad,) = torch.autograd.grad(ref, xr)
+    xk = x.to(dtype).requires_grad_()
+    out = triplet_mining_loss(xk, labels, None, "weighted", "auto", wrt_form="official")
+    out.backward()
+    torch.testing.assert_close(out.double(), ref.detach(), rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(xk.grad.double(), ref_grad, rtol=tol, atol=tol)

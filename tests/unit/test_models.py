@@ -2,11 +2,17 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
+import pytest
 import torch
 
+from dist_reid.config import load_config
 from dist_reid.models import create_model
 from dist_reid.models.layers import BNNeck, GeM, NonLocal
 from dist_reid.models.resnet import TwoStreamResNet
+
+CONFIGS = Path(__file__).resolve().parents[2] / "configs"
 
 
 def test_non_local_equals_the_explicit_affinity_formula():
@@ -61,3 +67,65 @@ def test_last_stride_one_keeps_resolution_and_embed_matches_forward():
     out = model(images, torch.ones(3, dtype=torch.long))
     assert out["logits"].shape == (3, 7) and out["features"].shape == (3, 512)
     torch.testing.assert_close(model.embed(images, "infrared"), out["bn_features"])
+
+
+# Released figures: AGW's released model.py (mangye16/Cross-Modal-Re-ID-baseline), run outside
+# this project with torch 2.14 CPU: sum(p.numel() for p in Non_local(C).parameters()) gives 3587
+# for C = 512 and 7171 for C = 1024 (inter_channels = 1), and embed_net(395, no_local="on")
+# (ResNet-50, built without downloading weights) holds 28687 parameters in its NL_2 (2 blocks,
+# after residual blocks 2, 3) and NL_3 (3 blocks, after 3, 4, 5) lists.
+RELEASED_NON_LOCAL = {512: 3587, 1024: 7171}
+RELEASED_AGW_NON_LOCAL_TOTAL = 28687
+
+
+def _non_local_blocks(net: torch.nn.Module) -> list[NonLocal]:
+    return [m for m in net.modules() if isinstance(m, NonLocal)]
+
+
+def _count(module: torch.nn.Module) -> int:
+    return sum(p.numel() for p in module.parameters())
+
+
+def _half_width_block(c: int) -> int:
+    """C/2 inter-channels: g, theta, phi (C -> C/2, with bias), W (C/2 -> C, with bias), BN."""
+    inter = c // 2
+    return 3 * (c * inter + inter) + (inter * c + c) + 2 * c
+
+
+def test_non_local_width_official_is_the_released_module():
+    net = TwoStreamResNet("resnet50", non_local_width="official")
+    blocks = _non_local_blocks(net)
+    assert [b.inter for b in blocks] == [1] * 5
+    channels = [b.g.in_channels for b in blocks]
+    assert channels == [512, 512, 1024, 1024, 1024]
+    assert [_count(b) for b in blocks] == [RELEASED_NON_LOCAL[c] for c in channels]
+    assert sum(_count(b) for b in blocks) == RELEASED_AGW_NON_LOCAL_TOTAL
+    # Placement as released: after residual blocks 2, 3 of stage 2 and 3, 4, 5 of stage 3.
+    for stage, after in ((net.stages[1], (2, 3)), (net.stages[2], (3, 4, 5))):
+        kinds = [isinstance(m, NonLocal) for m in stage]
+        residual_before = [sum(not k for k in kinds[:i]) - 1 for i, k in enumerate(kinds) if k]
+        assert tuple(residual_before) == after
+
+
+def test_non_local_width_half_and_the_agw_parameter_difference():
+    half = TwoStreamResNet("resnet50", non_local_width="half")
+    official = TwoStreamResNet("resnet50", non_local_width="official")
+    blocks = _non_local_blocks(half)
+    assert [b.inter for b in blocks] == [256, 256, 512, 512, 512]
+    assert [_count(b) for b in blocks] == [_half_width_block(b.g.in_channels) for b in blocks]
+    want = 2 * _half_width_block(512) + 3 * _half_width_block(1024)
+    assert _count(half) - _count(official) == want - RELEASED_AGW_NON_LOCAL_TOTAL == 7_329_777
+
+
+def test_agw_defaults_to_the_released_non_local_width():
+    blocks = _non_local_blocks(create_model("agw", num_classes=3, backbone="resnet18"))
+    assert blocks and all(b.inter == 1 for b in blocks)
+    with pytest.raises(ValueError, match="non_local_width"):
+        create_model("agw", num_classes=3, backbone="resnet18", non_local_width="quarter")
+
+
+@pytest.mark.parametrize("method", ["agw", "icre", "emif"])
+def test_agw_family_presets_follow_the_released_code(method):
+    cfg = load_config(CONFIGS / f"sysu/{method}.yaml", ["data.root=/data/x"])
+    assert cfg.model.options["non_local_width"] == "official"
+    assert cfg.loss.options["wrt_form"] == "official"
