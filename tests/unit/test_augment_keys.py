@@ -56,6 +56,21 @@ def test_grayscale_one_is_pil_luma_in_every_channel():
     torch.testing.assert_close(out, expected, rtol=0, atol=1e-6)
 
 
+def test_mip_gray_before_normalising_equals_the_released_gray_after_it():
+    # MIP's released AUG 2 grays the normalised tensor (torchvision RandomGrayscale on a tensor:
+    # luma 0.2989/0.587/0.114). With mean = std = 0.5 on every channel the luma of the normalised
+    # image is the normalised luma, so our gray-before-normalising preset is the same map (up to
+    # PIL's rounding of the gray image to uint8: one level is 2/255 after dividing by std 0.5).
+    from torchvision.transforms.v2 import functional as F
+
+    image = _image(4)
+    options = AugmentOptions(pad=0, flip=False, grayscale=1.0, mean=(0.5,) * 3, std=(0.5,) * 3)
+    ours = _apply(build_train_transform(H, W, "visible", options), image, 0)
+    released = F.rgb_to_grayscale(_reference(image, (0.5,) * 3, (0.5,) * 3).float(), 3)
+    torch.testing.assert_close(ours, released, rtol=0, atol=2.02 / 255)
+    assert (ours - released).abs().mean() < 1 / 255
+
+
 def test_grayscale_probability_is_honoured():
     image = _image(3)
     transform = build_train_transform(

@@ -150,6 +150,7 @@ def test_presets_select_the_released_sampler_normalisation_and_augmentation():
         assert mip.data.sampler == "identity_modality"
         assert mip.data.sampler_remainder == ("pad" if dataset == "regdb" else "drop")
         assert tuple(mip.data.mean) == tuple(mip.data.std) == (0.5, 0.5, 0.5)
+        assert augment_options(mip).grayscale == 0.5  # released AUG 2 RandomGrayscale(0.5)
         pdm = augment_options(load_config(CONFIGS / dataset / "pdm.yaml", root))
         area = (0.2, 0.8) if dataset == "sysu" else (0.02, 0.4)  # train_pdm.py transform_<dataset>
         assert pdm.erasing_scale == area and pdm.grayscale == 0.5 and pdm.random_erasing == 0.5
