@@ -149,6 +149,7 @@ def run_accuracy_benchmark(
     }  # every name checked before the first (long) run starts
     rows: list[dict[str, Any]] = []
     runs: dict[str, Any] = {}
+    payload: dict[str, Any] = {"rows": rows, "runs": runs}
     for (method, dataset), config in configs.items():
         name = f"{dataset}_{method}"
         run_overrides = [
@@ -183,17 +184,32 @@ def run_accuracy_benchmark(
             "instances_per_modality": cfg.train.instances_per_modality,
             "report": result["report"],
         }
-    return {
-        "machine": machine_info(),
-        "versions": _versions(),
-        "budget": {
-            "presets": "paper (--full)" if full else "CPU-sized (configs/experiments/accuracy)",
-            "processes": processes,
-            "overrides": list(overrides),
-        },
-        "rows": rows,
-        "runs": runs,
-    }
+        # Written after every run: a benchmark stopped part-way keeps its finished rows.
+        payload = {
+            "machine": machine_info(),
+            "versions": _versions(),
+            "budget": {
+                "presets": "paper (--full)" if full else "CPU-sized (configs/experiments/accuracy)",
+                "processes": processes,
+                "overrides": list(overrides),
+            },
+            "rows": rows,
+            "runs": runs,
+        }
+        write_accuracy_report(payload, out)
+    return payload
+
+
+def write_accuracy_report(payload: dict[str, Any], out: str | Path) -> tuple[Path, Path]:
+    """``accuracy.json`` (everything, per-run protocol reports included) and ``accuracy.md``
+    (the table, machine, versions and budget; the per-trial figures stay in the JSON)."""
+    json_path, md_path = write_report(
+        "accuracy", {k: v for k, v in payload.items() if k != "runs"}, out
+    )
+    data = json.loads(json_path.read_text())
+    data["runs"] = payload["runs"]
+    json_path.write_text(json.dumps(data, indent=2) + "\n", encoding="utf-8")
+    return json_path, md_path
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -219,12 +235,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         out=args.out,
         overrides=args.overrides,
     )
-    runs = payload.pop("runs")
-    json_path, md_path = write_report("accuracy", payload, args.out)
-    # The per-run protocol reports (per-trial figures, CMC) go into the JSON only.
-    data = json.loads(json_path.read_text())
-    data["runs"] = runs
-    json_path.write_text(json.dumps(data, indent=2) + "\n", encoding="utf-8")
+    json_path, md_path = write_accuracy_report(payload, args.out)
     print(markdown_table(payload["rows"]), end="")
     print(f"wrote {json_path} and {md_path}")
     return 0
