@@ -244,6 +244,8 @@ def _cmd_bench(args: argparse.Namespace) -> int:
         from dist_reid.bench.loader import main as suite
     elif args.suite == "methods":
         from dist_reid.bench.methods import main as suite
+    elif args.suite == "accuracy":
+        from dist_reid.bench.accuracy import main as suite
     elif args.suite in ("train", "scaling"):
         from dist_reid.bench.train import main as bench_train
 
@@ -373,7 +375,10 @@ def build_parser() -> argparse.ArgumentParser:
     fetch.set_defaults(func=_cmd_weights)
 
     p = sub.add_parser("bench", help="benchmarks (JSON + markdown table)")
-    p.add_argument("suite", choices=("eval", "kernels", "loader", "methods", "train", "scaling"))
+    p.add_argument(
+        "suite",
+        choices=("eval", "kernels", "loader", "methods", "train", "scaling", "accuracy"),
+    )
     p.add_argument(
         "rest",
         nargs=argparse.REMAINDER,
