@@ -14,7 +14,7 @@ and batch-local losses (centers, hard mining, CPM) need no all-gather (architect
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 
 import numpy as np
 from torch.utils.data import Sampler
@@ -63,7 +63,51 @@ def _check_shape(ids_per_batch: int, instances: int, num_replicas: int, rank: in
         )
 
 
-class ModalityBalancedSampler(Sampler[list[int]]):
+class _PlannedIdentitySampler(Sampler[list[int]]):
+    """What both samplers share: identity-grouped indices, a plan that is a function of
+    (seed, epoch) only, and rank r's slice ``[r*P/W, (r+1)*P/W)`` of every global batch."""
+
+    infrared_first = False  # which modality's half comes first in a batch
+
+    def __init__(
+        self,
+        pids: Sequence[int],
+        modalities: Sequence[str],
+        ids_per_batch: int,
+        instances_per_modality: int,
+        num_replicas: int,
+        rank: int,
+        seed: int,
+    ) -> None:
+        by_identity = _group(pids, modalities)
+        _check_shape(ids_per_batch, instances_per_modality, num_replicas, rank, len(by_identity))
+        self.ids_per_batch = ids_per_batch
+        self.instances = instances_per_modality
+        self.num_replicas = num_replicas
+        self.rank = rank
+        self.seed = seed
+        self.epoch = 0
+        self.identities = sorted(by_identity)
+        self._indices = [by_identity[pid] for pid in self.identities]
+
+    def set_epoch(self, epoch: int) -> None:
+        """Reshuffle deterministically: the plan is a function of (seed, epoch) only."""
+        self.epoch = epoch
+
+    def global_batches(self) -> Iterable[list[tuple[int, np.ndarray, np.ndarray]]]:
+        raise NotImplementedError
+
+    def __iter__(self) -> Iterator[list[int]]:
+        per_rank = self.ids_per_batch // self.num_replicas
+        start = self.rank * per_rank
+        for batch in self.global_batches():
+            mine = batch[start : start + per_rank]
+            visible = [int(i) for _, vis, _ in mine for i in vis]
+            infrared = [int(i) for _, _, ir in mine for i in ir]
+            yield infrared + visible if self.infrared_first else visible + infrared
+
+
+class ModalityBalancedSampler(_PlannedIdentitySampler):
     """Batch sampler yielding lists of dataset indices.
 
     Layout of every (global and local) batch: all visible images first, then all infrared; the
@@ -90,24 +134,13 @@ class ModalityBalancedSampler(Sampler[list[int]]):
     ) -> None:
         if replacement not in REPLACEMENT:
             raise ValueError(f"replacement must be one of {REPLACEMENT}, got {replacement!r}")
-        by_identity = _group(pids, modalities)
-        _check_shape(ids_per_batch, instances_per_modality, num_replicas, rank, len(by_identity))
+        super().__init__(
+            pids, modalities, ids_per_batch, instances_per_modality, num_replicas, rank, seed
+        )
         self.replacement = replacement
-        self.ids_per_batch = ids_per_batch
-        self.instances = instances_per_modality
-        self.num_replicas = num_replicas
-        self.rank = rank
-        self.seed = seed
-        self.epoch = 0
         modality_array = np.asarray(modalities)
-        self.identities = sorted(by_identity)
-        self._indices = [by_identity[pid] for pid in self.identities]
         largest = max(int((modality_array == m).sum()) for m in MODALITY_ORDER)
         self.num_batches = largest // (ids_per_batch * instances_per_modality) + 1
-
-    def set_epoch(self, epoch: int) -> None:
-        """Reshuffle deterministically: the plan is a function of (seed, epoch) only."""
-        self.epoch = epoch
 
     def __len__(self) -> int:
         return self.num_batches
@@ -127,15 +160,8 @@ class ModalityBalancedSampler(Sampler[list[int]]):
                 batch.append((self.identities[slot], self._draw(rng, visible), self._draw(rng, infrared)))
             yield batch
 
-    def __iter__(self) -> Iterator[list[int]]:
-        per_rank = self.ids_per_batch // self.num_replicas
-        start = self.rank * per_rank
-        for batch in self.global_batches():
-            mine = batch[start : start + per_rank]
-            yield [int(i) for _, vis, _ in mine for i in vis] + [int(i) for _, _, ir in mine for i in ir]
 
-
-class IdentityModalitySampler(Sampler[list[int]]):
+class IdentityModalitySampler(_PlannedIdentitySampler):
     """MIP's epoch (its released ``RandomIdentityModalitySampler``), distributed.
 
     Per identity, each modality's images are shuffled and cut into chunks of K
@@ -157,6 +183,8 @@ class IdentityModalitySampler(Sampler[list[int]]):
     image is dropped (RegDB, 10 + 10 images, K = 4: 3 chunks per identity instead of 2).
     """
 
+    infrared_first = True  # the released order
+
     def __init__(
         self,
         pids: Sequence[int],
@@ -171,22 +199,11 @@ class IdentityModalitySampler(Sampler[list[int]]):
     ) -> None:
         if remainder not in REMAINDER:
             raise ValueError(f"remainder must be one of {REMAINDER}, got {remainder!r}")
-        by_identity = _group(pids, modalities)
-        _check_shape(ids_per_batch, instances_per_modality, num_replicas, rank, len(by_identity))
+        super().__init__(
+            pids, modalities, ids_per_batch, instances_per_modality, num_replicas, rank, seed
+        )
         self.remainder = remainder
-        self.ids_per_batch = ids_per_batch
-        self.instances = instances_per_modality
-        self.num_replicas = num_replicas
-        self.rank = rank
-        self.seed = seed
-        self.epoch = 0
-        self.identities = sorted(by_identity)
-        self._indices = [by_identity[pid] for pid in self.identities]
         self._plan: tuple[int, list[list[tuple[int, np.ndarray, np.ndarray]]]] | None = None
-
-    def set_epoch(self, epoch: int) -> None:
-        """Reshuffle deterministically: the plan is a function of (seed, epoch) only."""
-        self.epoch = epoch
 
     def _chunks(self, rng: np.random.Generator, visible: np.ndarray, infrared: np.ndarray):
         k = self.instances
@@ -229,13 +246,6 @@ class IdentityModalitySampler(Sampler[list[int]]):
 
     def __len__(self) -> int:
         return len(self.global_batches())
-
-    def __iter__(self) -> Iterator[list[int]]:
-        per_rank = self.ids_per_batch // self.num_replicas
-        start = self.rank * per_rank
-        for batch in self.global_batches():
-            mine = batch[start : start + per_rank]
-            yield [int(i) for _, _, ir in mine for i in ir] + [int(i) for _, vis, _ in mine for i in vis]
 
 
 IdentitySampler = ModalityBalancedSampler | IdentityModalitySampler
