@@ -34,7 +34,7 @@ from dist_reid.engine.checkpoint import load_checkpoint, rng_state, save_checkpo
 from dist_reid.engine.evaluate import all_test_records
 from dist_reid.engine.fused import make_optimizer, maybe_sync_batchnorm
 from dist_reid.engine.preemption import Preempted, PreemptionHandler, inject_fault
-from dist_reid.engine.schedules import lr_lambdas, step_factor
+from dist_reid.engine.schedules import lr_lambdas
 from dist_reid.evaluation.features import FeatureCache, extract_features
 from dist_reid.evaluation.protocols import run_protocol
 
@@ -42,7 +42,6 @@ log = logging.getLogger(__name__)
 SELECTION_METRIC = "mAP"
 
 
-lr_factor = step_factor  # AGW's per-epoch factor (the ``step`` schedule), kept under its old name
 
 
 class NonFiniteLossError(FloatingPointError):
