@@ -42,8 +42,6 @@ log = logging.getLogger(__name__)
 SELECTION_METRIC = "mAP"
 
 
-
-
 class NonFiniteLossError(FloatingPointError):
     """A loss term became NaN or inf; the message names the term, epoch and step."""
 
