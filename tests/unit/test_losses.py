@@ -9,7 +9,7 @@ import pytest
 import torch
 from reid_kernels import triplet_mining_loss_reference
 
-from dist_reid.engine.trainer import lr_factor
+from dist_reid.engine.schedules import step_factor
 from dist_reid.losses import create_loss
 
 
@@ -140,4 +140,4 @@ def test_unknown_loss_option_is_refused():
     [(0, 0.1), (4, 0.5), (9, 1.0), (19, 1.0), (20, 0.1), (49, 0.1), (50, 0.01), (80, 0.01)],
 )
 def test_agw_schedule(epoch, factor):
-    assert lr_factor(epoch, 10, (20, 50), 0.1) == pytest.approx(factor)
+    assert step_factor(epoch, 10, (20, 50), 0.1) == pytest.approx(factor)
