@@ -8,9 +8,11 @@ variables exported per task) all work; a bare ``python`` run is a group of one.
 Checkpoints: ZeRO stages 1 and 2 only. The trainer's single ``last.pt`` stays the one resume
 file: the module weights (full on every rank under ZeRO-1/2), and under ``"optimizer"`` every
 rank's ZeRO partition (fp32 master weights, optimizer moments, loss-scaler state) gathered to
-rank 0, each serialised to a byte tensor because DeepSpeed's state holds Python objects that
-``weights_only`` loading refuses. Progress, RNG and config hash are saved by the trainer as for
-any backend. Resume restores the fp32 masters from those partitions (no bf16 rounding), so it is
+rank 0, each as tensors and plain containers (``to_plain``): DeepSpeed's Python objects (the
+loss scaler, enums, slice addresses) become their plain values, and resume sets those values on
+copies of this run's own live objects (``from_plain``), so the file is read with
+``weights_only=True`` and nothing in it can run code. Progress, RNG and config hash are saved by
+the trainer as for any backend. Resume restores the fp32 masters from those partitions (no bf16 rounding), so it is
 exact; it needs the same world size and DeepSpeed config as the run that saved. ZeRO-3 (params
 partitioned inside the module) would need DeepSpeed's own checkpoint layout and is refused.
 
@@ -22,11 +24,13 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import dataclasses
+import enum
 import importlib
-import io
 import json
 import os
 import socket
+from collections import OrderedDict
 from pathlib import Path
 from typing import Any
 
@@ -109,6 +113,115 @@ def load_deepspeed_config(
     return cfg
 
 
+# Tag of a plain dict standing for a Python object; its value says which kind.
+_TAG = "__dist_reid_plain__"
+_SCALARS = (bool, int, float, str, type(None), torch.dtype, torch.Size)
+
+
+def to_plain(obj: Any, where: str = "state") -> Any:
+    """DeepSpeed optimizer state as tensors (on CPU), scalars and plain lists/tuples/dicts, which
+    ``torch.load(weights_only=True)`` reads back. Enums become their value, dataclasses and
+    named tuples their fields, other objects (the loss scaler) their attribute dict; each is
+    tagged so ``from_plain`` can put it back onto the live object it came from."""
+    if isinstance(obj, torch.Tensor):
+        return obj.detach().cpu()
+    if isinstance(obj, enum.Enum):
+        return {_TAG: "enum", "class": type(obj).__qualname__, "value": obj.value}
+    if isinstance(obj, _SCALARS):
+        return obj
+    if dataclasses.is_dataclass(obj) or (isinstance(obj, tuple) and hasattr(obj, "_fields")):
+        fields = (
+            {f.name: getattr(obj, f.name) for f in dataclasses.fields(obj)}
+            if dataclasses.is_dataclass(obj)
+            else obj._asdict()
+        )
+        return {
+            _TAG: "fields",
+            "class": type(obj).__qualname__,
+            "values": {k: to_plain(v, f"{where}.{k}") for k, v in fields.items()},
+        }
+    if isinstance(obj, list | tuple):
+        return type(obj)(to_plain(v, f"{where}[{i}]") for i, v in enumerate(obj))
+    if isinstance(obj, dict):
+        if not all(isinstance(k, str | int) for k in obj):
+            raise TypeError(f"{where}: dict keys must be str or int to checkpoint safely")
+        return {k: to_plain(v, f"{where}[{k!r}]") for k, v in obj.items()}
+    if hasattr(obj, "__dict__") and not callable(obj):
+        return {
+            _TAG: "object",
+            "class": type(obj).__qualname__,
+            "attrs": {k: to_plain(v, f"{where}.{k}") for k, v in vars(obj).items()},
+        }
+    raise TypeError(f"{where}: cannot checkpoint a {type(obj).__qualname__} safely")
+
+
+def _tagged(value: Any) -> bool:
+    return isinstance(value, dict) and _TAG in value
+
+
+def _same_class(saved: dict[str, Any], live: Any, where: str) -> None:
+    if type(live).__qualname__ != saved.get("class"):
+        raise ValueError(
+            f"{where}: the checkpoint has a {saved.get('class')!r} where this run has a "
+            f"{type(live).__qualname__!r} (resume with the DeepSpeed config that saved it)"
+        )
+
+
+def from_plain(saved: Any, live: Any, where: str = "state") -> Any:
+    """Undo ``to_plain`` using ``live`` (the same state of this run) as the template: tagged
+    entries are rebuilt only as the live object's own class, objects as a shallow copy of the
+    live one with just its existing attributes set. Nothing is looked up by a name from the
+    file, so a tampered file can at most hold wrong numbers."""
+    if _tagged(saved):
+        kind = saved[_TAG]
+        _same_class(saved, live, where)
+        if kind == "enum":
+            return type(live)(saved["value"])
+        if kind == "fields":
+            values = saved["values"]
+            current = (
+                {f.name: getattr(live, f.name) for f in dataclasses.fields(live)}
+                if dataclasses.is_dataclass(live)
+                else live._asdict()
+            )
+            if set(values) != set(current):
+                raise ValueError(f"{where}: fields {sorted(values)} != {sorted(current)}")
+            return type(live)(
+                **{k: from_plain(v, current[k], f"{where}.{k}") for k, v in values.items()}
+            )
+        if kind == "object":
+            restored = copy.copy(live)
+            own = vars(live)
+            for key, value in saved["attrs"].items():
+                if key.startswith("__") or key not in own:
+                    raise ValueError(f"{where}: {type(live).__qualname__} has no attribute {key!r}")
+                setattr(restored, key, from_plain(value, own[key], f"{where}.{key}"))
+            return restored
+        raise ValueError(f"{where}: unknown entry kind {kind!r}")
+    if isinstance(saved, torch.Tensor) and isinstance(live, torch.Tensor):
+        return saved.to(live.device)  # saved on CPU; e.g. a scaler's tensor lives on the GPU
+    if not isinstance(live, (torch.Tensor, *_SCALARS, list, tuple, dict)):
+        # the live state has an object here: a bare value in its place is not our layout
+        raise ValueError(f"{where}: the checkpoint has no {type(live).__qualname__} here")
+    if isinstance(saved, dict):
+        template = live if isinstance(live, dict) else {}
+        # keys this rank lacks (another rank's parameter names) take a sibling as the template
+        sibling = next(iter(template.values()), None)
+        out = {
+            k: from_plain(v, template.get(k, sibling if _tagged(v) else None), f"{where}[{k!r}]")
+            for k, v in saved.items()
+        }
+        return OrderedDict(out) if isinstance(live, OrderedDict) else out
+    if isinstance(saved, list | tuple):
+        template = live if isinstance(live, list | tuple) else ()
+        items = [
+            from_plain(v, template[i] if i < len(template) else None, f"{where}[{i}]")
+            for i, v in enumerate(saved)
+        ]
+        return type(saved)(items)
+    return saved
+
+
 class _PartitionedOptimizer:
     """The DeepSpeed optimizer as the trainer sees it: ``param_groups`` etc. pass through;
     ``state_dict`` gathers every rank's ZeRO partition to rank 0 (collective: every rank calls
@@ -132,9 +245,7 @@ class _PartitionedOptimizer:
         self._backend.engine.zero_grad()
 
     def state_dict(self) -> dict[str, Any]:
-        buffer = io.BytesIO()
-        torch.save(self._inner.state_dict(), buffer)
-        mine = torch.frombuffer(bytearray(buffer.getvalue()), dtype=torch.uint8)
+        mine = to_plain(self._inner.state_dict(), "deepspeed optimizer state")
         b = self._backend
         if b.world_size == 1:
             parts = [mine]
@@ -148,20 +259,24 @@ class _PartitionedOptimizer:
         parts = state.get("deepspeed_zero_partitions")
         if parts is None:
             raise ValueError(
-                "checkpoint optimizer state was not written by the deepspeed backend "
+                "optimizer state was not written by the deepspeed backend "
                 "(train.backend must match the run that saved it)"
+            )
+        if any(isinstance(p, torch.Tensor) for p in parts):
+            # the layout of older versions: loading those bytes would unpickle them
+            raise ValueError(
+                "its DeepSpeed optimizer state is pickled bytes, which are refused (unpickling "
+                "could run code); it cannot be resumed, its weights still evaluate"
             )
         if len(parts) != b.world_size:
             raise ValueError(
-                f"checkpoint holds ZeRO partitions of {len(parts)} ranks but this run has "
+                f"it holds ZeRO partitions of {len(parts)} ranks but this run has "
                 f"{b.world_size}: resume with the same number of processes"
             )
-        # DeepSpeed's state holds Python objects (the loss scaler); these bytes are our own
-        # checkpoint's, written by state_dict above.
-        states = [
-            torch.load(io.BytesIO(p.numpy().tobytes()), map_location="cpu", weights_only=False)
-            for p in parts
-        ]
+        if not all(isinstance(p, dict) for p in parts):
+            raise ValueError("its DeepSpeed optimizer partitions are not state dicts")
+        live = self._inner.state_dict()  # the template: this run's own objects and classes
+        states = [from_plain(p, live, f"ZeRO partition {i}") for i, p in enumerate(parts)]
         self._inner.load_state_dict(states, load_optimizer_states=True, load_from_fp32_weights=True)
 
 
