@@ -30,7 +30,14 @@ from dist_reid.data.records import Record
 from dist_reid.data.sampler import build_sampler
 from dist_reid.data.transforms import build_test_transform
 from dist_reid.engine.backends import TrainingBackend, create_backend, main_process_first
-from dist_reid.engine.checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
+from dist_reid.engine.checkpoint import (
+    CheckpointError,
+    load_checkpoint,
+    remove_stale_temporaries,
+    rng_state,
+    save_checkpoint,
+    set_rng_state,
+)
 from dist_reid.engine.evaluate import all_test_records
 from dist_reid.engine.fused import make_optimizer, maybe_sync_batchnorm
 from dist_reid.engine.preemption import Preempted, PreemptionHandler, inject_fault
@@ -74,6 +81,7 @@ class Trainer:
             self.dataset = build_dataset(cfg, generate_missing=b.is_main)
         if b.is_main:
             save_config(cfg, self.run_dir)
+            remove_stale_temporaries(self.run_dir)  # left by a run killed mid-checkpoint
         self.labels = self.dataset.train_labels()
         records = self.dataset.train
         self.sampler = build_sampler(
@@ -198,7 +206,7 @@ class Trainer:
         return path
 
     def load(self, path: str | Path) -> None:
-        state = load_checkpoint(path)
+        state = load_checkpoint(path, resume=True)
         if state["config_hash"] != config_hash(self.cfg):
             log.warning(
                 "resuming %s with a different config (hash %s, now %s)",
@@ -207,7 +215,10 @@ class Trainer:
                 config_hash(self.cfg),
             )
         self.backend.unwrap(self.model).load_state_dict(state["model"])
-        self.optimizer.load_state_dict(state["optimizer"])
+        try:
+            self.optimizer.load_state_dict(state["optimizer"])
+        except ValueError as exc:  # a backend's refusal, said of the file
+            raise CheckpointError(f"checkpoint {path}: {exc}") from None
         self.scheduler.load_state_dict(state["scheduler"])
         self.backend.load_state_dict(state["backend"])
         progress = state["progress"]

@@ -28,10 +28,19 @@ def _read_weights(path: Path, missing: Exception, unreadable: type[Exception], p
     """``torch.load(weights_only=True)`` on CPU; a missing or unreadable file is one error."""
     if not path.is_file():
         raise missing
+    if path.stat().st_size == 0:
+        raise unreadable(f"{prefix}: the file is empty (0 bytes)")
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:
-        raise unreadable(f"{prefix}: {exc}") from None
+        text = str(exc)
+        # one line; torch's own refusal text advises the unsafe load, so it is not repeated
+        reason = (
+            "it holds pickled Python objects, refused (loading them could run code)"
+            if "eights only load failed" in text
+            else next((line for line in text.splitlines() if line.strip()), type(exc).__name__)
+        )
+        raise unreadable(f"{prefix}: {reason}") from None
 
 
 def load_pretrained(
