@@ -12,8 +12,8 @@ rank 0, each as tensors and plain containers (``to_plain``): DeepSpeed's Python 
 loss scaler, enums, slice addresses) become their plain values, and resume sets those values on
 copies of this run's own live objects (``from_plain``), so the file is read with
 ``weights_only=True`` and nothing in it can run code. Progress, RNG and config hash are saved by
-the trainer as for any backend. Resume restores the fp32 masters from those partitions (no bf16 rounding), so it is
-exact; it needs the same world size and DeepSpeed config as the run that saved. ZeRO-3 (params
+the trainer as for any backend. Resume restores the fp32 masters from those partitions (no bf16
+rounding), so it is exact; it needs the same world size and DeepSpeed config as the run that saved. ZeRO-3 (params
 partitioned inside the module) would need DeepSpeed's own checkpoint layout and is refused.
 
 On CPU DeepSpeed JIT-compiles a shared-memory collective op on first init (about a minute);
