@@ -44,7 +44,9 @@ OUT_OF_RANGE = [
 
 @pytest.mark.parametrize(("override", "key"), OUT_OF_RANGE)
 def test_count_and_interval_keys_out_of_range_name_the_key(override, key):
-    with pytest.raises(ConfigError, match=rf"^overrides?: .*{re.escape(key)}: |^{re.escape(key)}: "):
+    with pytest.raises(
+        ConfigError, match=rf"^overrides?: .*{re.escape(key)}: |^{re.escape(key)}: "
+    ):
         load_config(None, ["data.root=/x", override])
 
 
