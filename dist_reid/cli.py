@@ -73,9 +73,11 @@ def _cmd_eval(args: argparse.Namespace) -> int:
 def _cmd_train(args: argparse.Namespace) -> int:
     from dist_reid.engine.run import train_main
 
+    if not args.config:
+        raise ValueError("train needs -c CONFIG")
     resume = ["--resume"] if args.resume else []
     if args.resume_from:
-        resume = ["--resume-from", args.resume_from]
+        resume += ["--resume-from", args.resume_from]
     return train_main(["--config", args.config, *resume, *args.overrides])
 
 

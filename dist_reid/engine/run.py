@@ -22,13 +22,17 @@ _OVERRIDE = re.compile(r"^[A-Za-z_][\w.\[\]-]*=")
 
 def add_resume_arguments(parser: argparse.ArgumentParser) -> None:
     """``--resume`` (a flag) and ``--resume-from PATH``, shared with ``dist-reid train``."""
-    group = parser.add_mutually_exclusive_group()
-    group.add_argument(
+    parser.add_argument(
         "--resume",
         action="store_true",
         help="continue <run dir>/last.pt if it exists, else start fresh (no-op if the run finished)",
     )
-    group.add_argument("--resume-from", metavar="PATH", help="continue this checkpoint")
+    parser.add_argument(
+        "--resume-from",
+        metavar="PATH",
+        help="continue this checkpoint; with --resume, only while <run dir>/last.pt does not "
+        "exist yet (a requeued job continues its own progress)",
+    )
 
 
 def legacy_resume_args(argv: Sequence[str]) -> tuple[list[str], str | None]:
@@ -87,6 +91,9 @@ def train_main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     cfg = load_config(args.config, args.overrides)
+    own = Path(cfg.run.output_dir) / cfg.run.name / "last.pt"
+    if args.resume and own.is_file():
+        args.resume_from = None
     if args.resume_from and not Path(args.resume_from).is_file():  # before any data is built
         raise CheckpointError(f"checkpoint {args.resume_from} does not exist (--resume-from)")
     try:
@@ -95,9 +102,8 @@ def train_main(argv: Sequence[str] | None = None) -> int:
         print(f"train: error: {exc}", file=sys.stderr)
         return 2
     resume = args.resume_from
-    if args.resume:
-        candidate = trainer.run_dir / "last.pt"
-        resume = candidate if candidate.is_file() else None
+    if args.resume and (trainer.run_dir / "last.pt").is_file():
+        resume = trainer.run_dir / "last.pt"
     result = trainer.fit(Path(resume) if resume else None)
     if trainer.backend.is_main and "last_epoch" in result:
         print(f"final: {result['last_epoch']}")

@@ -14,6 +14,7 @@ import torch
 
 import dist_reid.engine.trainer as trainer_module
 from dist_reid.cli import main
+from dist_reid.engine.checkpoint import load_checkpoint
 from dist_reid.engine.run import build_parser, legacy_resume_args
 
 REPO = Path(__file__).resolve().parents[2]
@@ -59,12 +60,6 @@ def test_an_override_after_resume_is_an_override_not_a_checkpoint():
     assert args.resume is True and args.overrides == ["eval.trials=[0,1]"]
 
 
-def test_both_resume_forms_together_are_refused():
-    with pytest.raises(SystemExit) as excinfo:
-        _parse("-c", "x.yaml", "--resume", "--resume-from", "a.pt")
-    assert excinfo.value.code == 2
-
-
 def test_resume_from_is_the_explicit_path_and_the_old_form_still_works_with_a_note():
     args, note = _parse("-c", "x.yaml", "--resume-from", "runs/a/last.pt", "train.lr=1")
     assert args.resume_from == "runs/a/last.pt" and not args.resume and note is None
@@ -90,6 +85,13 @@ def test_dist_reid_train_resume_then_override_trains_the_named_run(synthetic_tre
     # no last.pt yet: --resume starts fresh; the override after it names the run folder
     assert main([*common[:3], "--resume", *common[3:], "run.name=b"]) == 0
     assert (tmp_path / "b" / "last.pt").is_file() and not (tmp_path / "a").exists()
+    # --resume with --resume-from (train.sbatch always adds --resume): the run's own last.pt
+    # wins once it exists, so the PATH given at the first submission may even be gone by then
+    gone = str(tmp_path / "gone.pt")
+    again = [*common, "run.name=b", "train.epochs=2", "train.max_steps=2"]
+    assert main([*again, "--resume", "--resume-from", gone]) == 0
+    assert load_checkpoint(tmp_path / "b" / "last.pt")["progress"]["global_step"] == 2
+    assert main([*common, "run.name=c", "--resume", "--resume-from", gone]) == 2
 
 
 # -- case 13: launch/train.py ---------------------------------------------------------------
@@ -190,3 +192,8 @@ def test_other_ranks_leave_the_line_to_rank_0_and_speak_only_if_still_running(mo
     slept.clear()
     assert main(["config", "-c", CONFIG, "train.lrr=1"]) == 2
     assert not slept and capsys.readouterr().err.startswith("dist-reid config: error: ")
+
+
+def test_train_without_a_config_is_one_line(capsys):
+    assert main(["train", "--resume"]) == 2
+    assert capsys.readouterr().err.strip() == "dist-reid train: error: train needs -c CONFIG"
