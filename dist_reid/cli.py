@@ -433,7 +433,17 @@ def _legacy_train_resume(argv: list[str]) -> list[str]:
 
 def main(argv: Sequence[str] | None = None) -> int:
     argv = _legacy_train_resume(list(sys.argv[1:] if argv is None else argv))
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    if extra:
+        # argparse takes one run of positionals: overrides after a flag (`a=1 --resume b=2`)
+        # come back as extras, in order; anything else is argparse's own error
+        if isinstance(getattr(args, "overrides", None), list) and not any(
+            token.startswith("-") for token in extra
+        ):
+            args.overrides = [*args.overrides, *extra]
+        else:
+            parser.parse_args(argv)
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.INFO,
         format="%(levelname)s %(name)s: %(message)s",

@@ -79,13 +79,19 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def parse_train_args(argv: Sequence[str]) -> tuple[argparse.Namespace, str | None]:
+    """The parsed arguments (old ``--resume PATH`` rewritten; overrides may sit on both sides of
+    a flag) and the deprecation note, if any."""
+    tokens, note = legacy_resume_args(argv)
+    return build_parser().parse_intermixed_args(tokens), note
+
+
 def train_main(argv: Sequence[str] | None = None) -> int:
     from dist_reid.engine.checkpoint import CheckpointError
     from dist_reid.engine.trainer import Trainer
     from dist_reid.models.pretrained import WeightsUnavailableError
 
-    tokens, note = legacy_resume_args(sys.argv[1:] if argv is None else argv)
-    args = build_parser().parse_args(tokens)
+    args, note = parse_train_args(sys.argv[1:] if argv is None else argv)
     if note and rank_zero():
         print(f"train: warning: {note}", file=sys.stderr)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")

@@ -4,6 +4,7 @@ like ``dist-reid train``; the NaN guard names the term and the last good checkpo
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -13,9 +14,10 @@ import pytest
 import torch
 
 import dist_reid.engine.trainer as trainer_module
+from dist_reid.cli import build_parser as build_cli_parser
 from dist_reid.cli import main
 from dist_reid.engine.checkpoint import load_checkpoint
-from dist_reid.engine.run import build_parser, legacy_resume_args
+from dist_reid.engine.run import parse_train_args
 
 REPO = Path(__file__).resolve().parents[2]
 CONFIG = str(REPO / "configs/experiments/demo_sysu_agw.yaml")
@@ -46,8 +48,7 @@ def _our_lines(stderr: str) -> list[str]:
 
 # -- case 14: --resume is a flag --------------------------------------------------------------
 def _parse(*argv: str):
-    tokens, note = legacy_resume_args(list(argv))
-    return build_parser().parse_args(tokens), note
+    return parse_train_args(list(argv))
 
 
 def test_an_override_after_resume_is_an_override_not_a_checkpoint():
@@ -58,6 +59,11 @@ def test_an_override_after_resume_is_an_override_not_a_checkpoint():
     assert args.resume is True and args.resume_from is None and args.overrides == ["run.name=x"]
     args, _ = _parse("-c", "x.yaml", "--resume", "eval.trials=[0,1]")
     assert args.resume is True and args.overrides == ["eval.trials=[0,1]"]
+    args, _ = _parse("-c", "x.yaml", "a.b=1", "--resume", "c.d=2", "a.b=3")
+    assert args.resume is True and args.overrides == ["a.b=1", "c.d=2", "a.b=3"]
+    cli = build_cli_parser()
+    args = cli.parse_args(["train", "-c", "x.yaml", "--resume", "run.name=x"])
+    assert args.resume is True and args.overrides == ["run.name=x"]
 
 
 def test_resume_from_is_the_explicit_path_and_the_old_form_still_works_with_a_note():
@@ -197,3 +203,16 @@ def test_other_ranks_leave_the_line_to_rank_0_and_speak_only_if_still_running(mo
 def test_train_without_a_config_is_one_line(capsys):
     assert main(["train", "--resume"]) == 2
     assert capsys.readouterr().err.strip() == "dist-reid train: error: train needs -c CONFIG"
+    # the old form is read as --resume-from with a note (then the same one-line error)
+    assert main(["train", "--resume", "old/last.pt"]) == 2
+    note, error = capsys.readouterr().err.strip().splitlines()
+    assert "deprecated" in note and "--resume-from old/last.pt" in note
+    assert error == "dist-reid train: error: train needs -c CONFIG"
+
+
+def test_overrides_on_both_sides_of_a_flag_are_all_applied(capsys):
+    argv = ["config", "-c", CONFIG, "train.lr=0.5", "--lr-schedule", "train.epochs=2"]
+    assert main(argv) == 0
+    assert len(json.loads(capsys.readouterr().out)) == 2  # train.epochs=2 after the flag counted
+    with pytest.raises(SystemExit):
+        main(["config", "-c", CONFIG, "train.lr=0.5", "--lr-schedule", "--bogus"])
