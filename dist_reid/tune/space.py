@@ -66,10 +66,10 @@ class SweepSpec:
             raise ConfigError(f"search_alg: must be none|optuna|hyperopt, got {self.search_alg!r}")
         if self.scheduler.kind not in ("asha", "fifo"):
             raise ConfigError(f"scheduler.kind: must be asha|fifo, got {self.scheduler.kind!r}")
+        # (scheduler.grace_period is checked against the recipe's warm-up by validate_sweep)
         for key, value, low in (
             ("num_samples", self.num_samples, 1),
             ("max_failures", self.max_failures, -1),  # -1: Ray's "retry without limit"
-            ("scheduler.grace_period", self.scheduler.grace_period, 1),
             ("scheduler.max_t", self.scheduler.max_t, 0),
             ("scheduler.reduction_factor", self.scheduler.reduction_factor, 2),
             ("resources.gpu", self.resources.gpu, 0),

@@ -79,7 +79,6 @@ search_space:
     [
         ("num_samples=0", "num_samples"),
         ("max_failures=-2", "max_failures"),
-        ("scheduler.grace_period=0", "scheduler.grace_period"),
         ("scheduler.max_t=-1", "scheduler.max_t"),
         ("scheduler.reduction_factor=1", "scheduler.reduction_factor"),
         ("resources.cpu=0", "resources.cpu"),
