@@ -173,7 +173,8 @@ def test_nan_guard_is_one_line_exit_2_naming_the_term_and_last_checkpoint(
     assert len(lines) == 1, err
     line = lines[0]
     last = tmp_path / "nan" / "last.pt"
-    assert last.is_file() and str(last) in line and "step 2" in line
+    assert last.is_file() and f"last good checkpoint is {last} (global step 2)" in line
+    assert "non-finite loss at epoch 0 step 2 (global step 3)" in line
     assert "non-finite loss" in line and f"'{poisoned_term[0]}': nan" in line
 
 
