@@ -11,8 +11,15 @@ from pathlib import Path
 
 DEFAULT_DEMO_CONFIG = "configs/experiments/demo_sysu_agw.yaml"
 
-# Errors a user can fix from the message alone: print one line, no traceback.
-USER_ERRORS: tuple[type[BaseException], ...] = (ValueError, KeyError, OSError, RuntimeError)
+# Errors a user can fix from the message alone: print one line, no traceback. FloatingPointError
+# is the training NaN guard's (it names the term and the last good checkpoint).
+USER_ERRORS: tuple[type[BaseException], ...] = (
+    ValueError,
+    KeyError,
+    OSError,
+    RuntimeError,
+    FloatingPointError,
+)
 
 
 def _config_args(parser: argparse.ArgumentParser, default: str | None = None) -> None:
@@ -66,7 +73,11 @@ def _cmd_eval(args: argparse.Namespace) -> int:
 def _cmd_train(args: argparse.Namespace) -> int:
     from dist_reid.engine.run import train_main
 
-    resume = ["--resume", args.resume] if args.resume else []
+    if not args.config:
+        raise ValueError("train needs -c CONFIG")
+    resume = ["--resume"] if args.resume else []
+    if args.resume_from:
+        resume += ["--resume-from", args.resume_from]
     return train_main(["--config", args.config, *resume, *args.overrides])
 
 
@@ -95,7 +106,8 @@ def _cmd_demo(args: argparse.Namespace) -> int:
         "--nproc_per_node",
         str(args.processes),
         "-m",
-        "dist_reid.engine.run",
+        "dist_reid",  # 'dist-reid train': one line per error, like here
+        "train",
         "--config",
         args.config,
         *args.overrides,
@@ -296,9 +308,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("train", help="train one process (or one rank under a launcher)")
     _config_args(p)
-    p.add_argument(
-        "--resume", nargs="?", const="auto", help="checkpoint, or no value for <run>/last.pt"
-    )
+    from dist_reid.engine.run import add_resume_arguments
+
+    add_resume_arguments(p)
     p.set_defaults(func=_cmd_train)
 
     p = sub.add_parser(
@@ -388,8 +400,50 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+# Under a launcher every rank usually meets the same error (a config typo, a bad checkpoint):
+# the other ranks wait this long for rank 0 to say it and for the launcher to stop them, and
+# speak only if still running then (an error of their own, e.g. a NaN on that rank only).
+RANK_ZERO_GRACE_S = 10.0
+
+
+def _defer_to_rank_zero(seconds: float = RANK_ZERO_GRACE_S) -> None:
+    import signal
+    import time
+
+    try:  # the training loop's preemption handler only sets a flag; we are leaving anyway
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, signal.SIG_DFL)
+    except ValueError:  # not the main thread
+        pass
+    time.sleep(seconds)
+
+
+def _legacy_train_resume(argv: list[str]) -> list[str]:
+    """``train --resume PATH`` (the old form) -> ``--resume-from PATH``, with a note."""
+    command = next((i for i, token in enumerate(argv) if not token.startswith("-")), None)
+    if command is None or argv[command] != "train":
+        return argv
+    from dist_reid.engine.run import legacy_resume_args, rank_zero
+
+    tokens, note = legacy_resume_args(argv[command + 1 :])
+    if note and rank_zero():
+        print(f"dist-reid train: warning: {note}", file=sys.stderr)
+    return [*argv[: command + 1], *tokens]
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    argv = _legacy_train_resume(list(sys.argv[1:] if argv is None else argv))
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    if extra:
+        # argparse takes one run of positionals: overrides after a flag (`a=1 --resume b=2`)
+        # come back as extras, in order; anything else is argparse's own error
+        if isinstance(getattr(args, "overrides", None), list) and not any(
+            token.startswith("-") for token in extra
+        ):
+            args.overrides = [*args.overrides, *extra]
+        else:
+            parser.parse_args(argv)
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.INFO,
         format="%(levelname)s %(name)s: %(message)s",
@@ -402,7 +456,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.verbose:
             raise
         message = exc.args[0] if isinstance(exc, KeyError) and exc.args else exc
-        print(f"dist-reid {args.command}: error: {message}", file=sys.stderr)
+        from dist_reid.engine.run import rank_zero
+
+        where = ""
+        if not rank_zero():
+            _defer_to_rank_zero()
+            where = f" (rank {os.environ.get('RANK') or os.environ.get('SLURM_PROCID')})"
+        print(f"dist-reid {args.command}: error{where}: {message}", file=sys.stderr)
         return 2
 
 

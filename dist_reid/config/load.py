@@ -57,13 +57,29 @@ def _explain(exc: OmegaConfBaseException, source: str, node: DictConfig) -> Conf
     return ConfigError(f"{source}: {key}: {message}")
 
 
+def _yaml_tags(value: str) -> list[str]:
+    """The explicit YAML tags (``!!python/...``, ``!!binary``, ``!foo``) in an override's value."""
+    try:
+        return [t.value[0] + t.value[1] for t in yaml.scan(value) if isinstance(t, yaml.TagToken)]
+    except yaml.YAMLError:
+        return []  # malformed YAML: left to the parser's own error below
+
+
 def _parse_overrides(overrides: Sequence[str]) -> DictConfig:
     for item in overrides:
         if "=" not in item or item.startswith("="):
             raise ConfigError(f"override {item!r}: expected dotted.key=value")
+        # A command line is plain values: a tag would ask the YAML loader to build an object
+        # (refused by the safe loader as a traceback; here one line before anything runs).
+        key, _, value = item.partition("=")
+        tags = _yaml_tags(value)
+        if tags:
+            raise ConfigError(
+                f"overrides: {key}: YAML tags are not allowed in overrides, got {tags[0]!r}"
+            )
     try:
         return OmegaConf.from_dotlist(list(overrides))
-    except OmegaConfBaseException as exc:
+    except (OmegaConfBaseException, yaml.YAMLError) as exc:
         raise ConfigError(f"overrides: {str(exc).splitlines()[0]}") from None
 
 

@@ -123,7 +123,8 @@ class DataConfig:
             "data.dataset",
             f"must be one of {DATASETS}, got {self.dataset!r}",
         )
-        _require(self.height > 0 and self.width > 0, "data.height/data.width", "must be positive")
+        _require(self.height > 0, "data.height", f"must be > 0, got {self.height}")
+        _require(self.width > 0, "data.width", f"must be > 0, got {self.width}")
         _require(self.num_workers >= 0, "data.num_workers", "must be >= 0")
         _require(1 <= self.trial <= 10, "data.trial", f"must be in 1..10, got {self.trial}")
         _require(
@@ -215,6 +216,11 @@ class OptimConfig:
             "must be ascending",
         )
         _require(
+            all(m >= 0 for m in self.milestones),
+            "optim.milestones",
+            f"must be epochs >= 0, got {list(self.milestones)}",
+        )
+        _require(
             self.schedule in ("step", "cosine_refine"),
             "optim.schedule",
             f"must be step|cosine_refine, got {self.schedule!r}",
@@ -273,10 +279,14 @@ class TrainConfig:
             f"must be auto|triton|torch, got {self.kernels!r}",
         )
         _require(self.grad_accum >= 1, "train.grad_accum", "must be >= 1")
+        _require(self.eval_every >= 0, "train.eval_every", "must be >= 0 (0 = the last epoch only)")
+        _require(self.max_steps >= 0, "train.max_steps", "must be >= 0 (0 = no cap)")
+        # log_every divides the step count: 0 would fail at the first step, not here
+        _require(self.log_every >= 1, "train.log_every", f"must be >= 1, got {self.log_every}")
         _require(
-            self.eval_every >= 0 and self.max_steps >= 0,
-            "train.eval_every/train.max_steps",
-            "must be >= 0",
+            self.checkpoint_every_steps >= 0,
+            "train.checkpoint_every_steps",
+            "must be >= 0 (0 = at epoch ends only)",
         )
         _require(self.lr > 0, "train.lr", f"must be > 0, got {self.lr}")
         _require(self.ids_per_batch >= 1, "train.ids_per_batch", "must be >= 1")
@@ -303,6 +313,14 @@ class EvalConfig:
         _require(self.max_rank >= 1, "eval.max_rank", f"must be >= 1, got {self.max_rank}")
         _require(self.batch_size >= 1, "eval.batch_size", f"must be >= 1, got {self.batch_size}")
         _require(self.chance_draws >= 0, "eval.chance_draws", "must be >= 0")
+        _require(self.rerank_k1 >= 1, "eval.rerank_k1", f"must be >= 1, got {self.rerank_k1}")
+        _require(self.rerank_k2 >= 1, "eval.rerank_k2", f"must be >= 1, got {self.rerank_k2}")
+        _require(self.query_expansion >= 0, "eval.query_expansion", "must be >= 0 (0 = off)")
+        _require(
+            all(t >= 0 for t in self.trials),
+            "eval.trials",
+            f"must be trial indices >= 0, got {list(self.trials)}",
+        )
 
 
 @dataclass(frozen=True)

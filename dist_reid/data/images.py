@@ -24,6 +24,10 @@ def load_rgb(path: str) -> Image.Image:
         raise ImageDecodeError(f"image file not found: {path}") from None
     except (UnidentifiedImageError, OSError, SyntaxError) as exc:
         raise ImageDecodeError(f"cannot decode image {path}: {exc}") from None
+    except Image.DecompressionBombError as exc:
+        # A header claiming more than 2 x Image.MAX_IMAGE_PIXELS: refused before any pixel is
+        # read; a bad file like any other (skip_corrupt replaces it).
+        raise ImageDecodeError(f"cannot decode image {path}: {exc}") from None
 
 
 class RecordImageDataset(Dataset):

@@ -145,6 +145,7 @@ class Trainer:
 
             self.writer = SummaryWriter(str(self.run_dir / "tensorboard"))
         self._test_records: list[Record] | None = None
+        self.last_checkpoint: tuple[Path, int] | None = None  # (path, global step): NaN guard
 
     # -- setup -----------------------------------------------------------------------------
     def _optimizer(self, model: nn.Module) -> torch.optim.Optimizer:
@@ -203,6 +204,7 @@ class Trainer:
         if self.backend.is_main:
             path = save_checkpoint(state, self.run_dir / name)
         self.backend.barrier()
+        self.last_checkpoint = (self.run_dir / name, self.global_step)
         return path
 
     def load(self, path: str | Path) -> None:
@@ -228,6 +230,7 @@ class Trainer:
             progress["global_step"],
         )
         self.history = json.loads(state["history"])
+        self.last_checkpoint = (Path(path), self.global_step)
         if state["world_size"] == self.backend.world_size:
             set_rng_state(state["rng"][self.backend.rank])
 
@@ -301,9 +304,16 @@ class Trainer:
             terms = self.loss(outputs, labels, modalities)
             total = sum(terms.values())
             if not torch.isfinite(total):
-                bad = {k: float(v) for k, v in terms.items() if not torch.isfinite(v)}
+                bad = {k: float(v.detach()) for k, v in terms.items() if not torch.isfinite(v)}
+                last = (
+                    f"the last good checkpoint is {self.last_checkpoint[0]} "
+                    f"(global step {self.last_checkpoint[1]})"
+                    if self.last_checkpoint
+                    else "no checkpoint was written yet"
+                )
                 raise NonFiniteLossError(
-                    f"non-finite loss at epoch {self.epoch} step {self.cursor}: {bad or {'total': float(total)}}"
+                    f"non-finite loss at epoch {self.epoch} step {self.cursor} (global step "
+                    f"{self.global_step + 1}): {bad or {'total': float(total.detach())}}; {last}"
                 )
             b.backward(total)  # accelerate scales by 1/grad_accum itself
             if self.cfg.optim.grad_clip:

@@ -66,6 +66,18 @@ class SweepSpec:
             raise ConfigError(f"search_alg: must be none|optuna|hyperopt, got {self.search_alg!r}")
         if self.scheduler.kind not in ("asha", "fifo"):
             raise ConfigError(f"scheduler.kind: must be asha|fifo, got {self.scheduler.kind!r}")
+        # (scheduler.grace_period is checked against the recipe's warm-up by validate_sweep)
+        for key, value, low in (
+            ("num_samples", self.num_samples, 1),
+            ("max_failures", self.max_failures, -1),  # -1: Ray's "retry without limit"
+            ("scheduler.max_t", self.scheduler.max_t, 0),
+            ("scheduler.reduction_factor", self.scheduler.reduction_factor, 2),
+            ("resources.gpu", self.resources.gpu, 0),
+        ):
+            if value < low:
+                raise ConfigError(f"{key}: must be >= {low}, got {value}")
+        if self.resources.cpu <= 0:
+            raise ConfigError(f"resources.cpu: must be > 0, got {self.resources.cpu}")
         if not self.search_space:
             raise ConfigError("search_space: empty; name at least one dotted config key")
         setting, _, metric = self.metric.partition("/")
