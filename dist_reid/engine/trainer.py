@@ -27,7 +27,7 @@ from dist_reid.builders import (
 from dist_reid.config import ConfigError, ExperimentConfig, config_hash, save_config
 from dist_reid.data.pipeline import build_train_pipeline
 from dist_reid.data.records import Record
-from dist_reid.data.sampler import build_sampler
+from dist_reid.data.sampler import build_sampler, check_ids_per_rank
 from dist_reid.data.transforms import build_test_transform
 from dist_reid.engine.backends import TrainingBackend, create_backend, main_process_first
 from dist_reid.engine.checkpoint import (
@@ -74,6 +74,10 @@ class Trainer:
             grad_clip=cfg.optim.grad_clip,
         )
         b = self.backend
+        try:  # the batch shape needs only the world size: refused before any data is read
+            check_ids_per_rank(t.ids_per_batch, b.world_size)
+        except ValueError as exc:
+            raise ConfigError(f"train.ids_per_batch: {exc}") from None
         check_pretrained(cfg, warn=b.is_main)  # offline without cached weights: fail before data
         torch.manual_seed(cfg.run.seed)  # identical initial weights on every rank
         self.run_dir = Path(cfg.run.output_dir) / cfg.run.name
@@ -260,7 +264,9 @@ class Trainer:
                 feats = extract_features(
                     model,
                     shard,
-                    build_test_transform(cfg.data.height, cfg.data.width, cfg.data.mean, cfg.data.std),
+                    build_test_transform(
+                        cfg.data.height, cfg.data.width, cfg.data.mean, cfg.data.std
+                    ),
                     batch_size=cfg.eval.batch_size,
                     device=b.device,
                     flip=cfg.eval.flip,

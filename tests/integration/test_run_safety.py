@@ -1,0 +1,78 @@
+"""A real run survives its users: a batch with no negative per rank is refused before any data is
+read; two runs never share a run folder; a resume with a changed config never mixes silently;
+a corrupt test image is found before training and an evaluation crash never loses the epoch."""
+
+from __future__ import annotations
+
+import types
+from pathlib import Path
+
+import pytest
+
+from dist_reid.cli import main
+from dist_reid.config import ConfigError, load_config
+from dist_reid.data.sampler import build_sampler
+from dist_reid.engine.trainer import Trainer
+
+REPO = Path(__file__).resolve().parents[2]
+CONFIG = str(REPO / "configs/experiments/demo_sysu_agw.yaml")
+
+
+def tiny(root: Path, out: Path, name: str, *extra: str) -> list[str]:
+    return [
+        f"data.root={root}",
+        f"run.output_dir={out}",
+        f"run.name={name}",
+        "data.height=64",
+        "data.width=32",
+        "data.num_workers=0",
+        "train.ids_per_batch=4",
+        "train.instances_per_modality=2",
+        "train.tensorboard=false",
+        "train.kernels=torch",
+        "eval.trials=[0]",
+        "eval.settings=[all]",
+        *extra,
+    ]
+
+
+def _error_lines(stderr: str) -> list[str]:
+    return [line for line in stderr.splitlines() if "error" in line]
+
+
+# -- case 6: one identity per rank has no negative for the triplet loss ----------------------
+def test_sampler_builder_refuses_one_identity_per_rank():
+    pids = [p for p in range(16) for _ in range(4)]
+    mods = ["visible", "infrared"] * (len(pids) // 2)
+    with pytest.raises(ValueError) as excinfo:
+        build_sampler("modality_balanced", pids, mods, 8, 2, num_replicas=8, rank=0)
+    message = str(excinfo.value)
+    assert "\n" not in message and "negative" in message
+    assert "1 identity per rank" in message and ">= 2 x world size = 16" in message
+    # two per rank is the least that works
+    assert len(build_sampler("modality_balanced", pids, mods, 16, 2, num_replicas=8, rank=3)) > 0
+
+
+def test_trainer_names_the_key_and_how_to_scale_it_before_reading_data(tmp_path):
+    data = tmp_path / "data"  # synthetic.enabled: reading the data would generate it here
+    cfg = load_config(CONFIG, tiny(data, tmp_path, "run", "train.ids_per_batch=8"))
+    eight_ranks = types.SimpleNamespace(world_size=8, rank=0, is_main=True)
+    with pytest.raises(ConfigError) as excinfo:
+        Trainer(cfg, backend=eight_ranks)
+    message = str(excinfo.value)
+    assert message.startswith("train.ids_per_batch: ") and "\n" not in message
+    assert "triplet" in message and "use >= 2 x world size = 16" in message
+    assert not data.exists()
+
+
+def test_dist_reid_train_one_identity_per_batch_is_one_line_exit_2(tmp_path, capsys):
+    data = tmp_path / "data"
+    argv = ["train", "-c", CONFIG, *tiny(data, tmp_path, "run", "train.ids_per_batch=1")]
+    argv.append("train.max_steps=1")
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    lines = _error_lines(err)
+    assert len(lines) == 1 and "train.ids_per_batch" in lines[0], err
+    assert "use >= 2 x world size = 2" in lines[0]
+    assert not data.exists() and not (tmp_path / "run").exists()
