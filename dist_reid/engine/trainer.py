@@ -25,6 +25,7 @@ from dist_reid.builders import (
     schedule_options,
 )
 from dist_reid.config import ConfigError, ExperimentConfig, config_hash, save_config
+from dist_reid.data.images import ImageDecodeError, header_errors
 from dist_reid.data.pipeline import build_train_pipeline
 from dist_reid.data.records import Record
 from dist_reid.data.sampler import build_sampler, check_ids_per_rank
@@ -239,10 +240,9 @@ class Trainer:
             set_rng_state(state["rng"][self.backend.rank])
 
     # -- evaluation ------------------------------------------------------------------------
-    def evaluate(self) -> dict[str, Any]:
-        """Features of exactly the test set, one contiguous unpadded shard per rank, gathered;
-        rank 0 scores the protocol and broadcasts it, so all ranks leave together."""
-        cfg, b = self.cfg, self.backend
+    def _protocol(self) -> tuple[Sequence[str], Sequence[int], dict[str, bool]]:
+        """(settings, trials, split options) the evaluation scores."""
+        cfg = self.cfg
         settings = cfg.eval.settings or self.dataset.settings
         trials = cfg.eval.trials or self.dataset.trials
         if self.dataset.name == "regdb" and not cfg.eval.trials:
@@ -251,11 +251,42 @@ class Trainer:
             "multi_shot": cfg.eval.multi_shot,
             "transposed_v2i": cfg.eval.llcm_transposed_v2i,
         }
+        return settings, trials, options
+
+    def _test_set(self) -> list[Record]:
+        """Every test image the evaluation reads, without duplicates (computed once)."""
         if self._test_records is None:
+            settings, trials, options = self._protocol()
             self._test_records = all_test_records(self.dataset, settings, trials, **options)
-        records = self._test_records
+        return self._test_records
+
+    def _shard(self, records: list[Record]) -> list[Record]:
+        """This rank's contiguous, unpadded share of ``records``."""
+        b = self.backend
         bounds = np.linspace(0, len(records), b.world_size + 1).astype(int)
-        shard = records[bounds[b.rank] : bounds[b.rank + 1]]
+        return records[bounds[b.rank] : bounds[b.rank + 1]]
+
+    def check_test_images(self) -> None:
+        """Open the header of every test image the evaluation will read (each rank a share),
+        so a corrupt file is refused before training, not found after a whole epoch."""
+        found = self.backend.all_gather_object(
+            header_errors([r.path for r in self._shard(self._test_set())])
+        )
+        count = sum(n for _, n in found)
+        if count:
+            first = "; ".join(line for lines, _ in found for line in lines[:3])
+            raise ImageDecodeError(
+                f"test split: {count} unreadable image(s), refused before training: {first} "
+                "(replace or restore them; data.skip_corrupt covers training images only)"
+            )
+
+    def evaluate(self) -> dict[str, Any]:
+        """Features of exactly the test set, one contiguous unpadded shard per rank, gathered;
+        rank 0 scores the protocol and broadcasts it, so all ranks leave together."""
+        cfg, b = self.cfg, self.backend
+        settings, trials, options = self._protocol()
+        records = self._test_set()
+        shard = self._shard(records)
         b.sync_buffers(self.model)
         model = b.unwrap(self.model)
         feats = None
@@ -332,8 +363,16 @@ class Trainer:
         if resume is not None:
             self.load(resume)
             log.info("resumed from %s at epoch %d step %d", resume, self.epoch, self.cursor)
+        pending = self._evaluation_pending()
+        if pending or self.epoch < t.epochs:
+            self.check_test_images()
         self.model.train()
         self.preemption = PreemptionHandler().install()  # SIGUSR1/SIGTERM: checkpoint, exit 75
+        if pending:  # the previous run saved this epoch, then failed in its evaluation
+            log.info("evaluating epoch %d, saved before its evaluation failed", self.epoch - 1)
+            self._evaluate_epoch(self.history[-1])
+            for callback in self.callbacks:
+                callback(self, self.history[-1])
         stopped = False
         while self.epoch < t.epochs and not stopped:
             self.pipeline.set_epoch(self.epoch)
@@ -380,19 +419,40 @@ class Trainer:
             self.epoch += 1
             self.cursor = 0
             record: dict[str, Any] = {"epoch": self.epoch - 1, "seconds": seconds}
-            if self.epoch == t.epochs or (t.eval_every and self.epoch % t.eval_every == 0):
-                record["metrics"] = self.evaluate()
-                for setting, values in record["metrics"].items():
-                    self._log(
-                        {f"eval/{setting}/{k}": v for k, v in values.items()}, self.global_step
-                    )
             self.history.append(record)
-            self.save("last.pt")
-            if "metrics" in record and self._is_best(record) and b.is_main:
-                save_checkpoint(self.state_dict_light(), self.run_dir / "best.pt")
+            self.save("last.pt")  # before evaluating: a crash there never loses the epoch
+            if self._evaluation_due():
+                self._evaluate_epoch(record)
             for callback in self.callbacks:
                 callback(self, record)
         return self.finish()
+
+    def _evaluation_due(self) -> bool:
+        """Whether the epoch just finished (``self.epoch`` done) is evaluated: every
+        ``eval_every`` epochs and always the last."""
+        t = self.cfg.train
+        return self.epoch == t.epochs or bool(t.eval_every and self.epoch % t.eval_every == 0)
+
+    def _evaluation_pending(self) -> bool:
+        """A finished epoch that was due for evaluation but has no metrics (its last.pt is
+        written before evaluating, so a crash there leaves exactly this)."""
+        return (
+            self.cursor == 0
+            and bool(self.history)
+            and self.history[-1]["epoch"] == self.epoch - 1
+            and "metrics" not in self.history[-1]
+            and self._evaluation_due()
+        )
+
+    def _evaluate_epoch(self, record: dict[str, Any]) -> None:
+        """Evaluate, then save ``last.pt`` again with the metrics in its history (and
+        ``best.pt`` when this epoch scores best)."""
+        record["metrics"] = self.evaluate()
+        for setting, values in record["metrics"].items():
+            self._log({f"eval/{setting}/{k}": v for k, v in values.items()}, self.global_step)
+        self.save("last.pt")
+        if self._is_best(record) and self.backend.is_main:
+            save_checkpoint(self.state_dict_light(), self.run_dir / "best.pt")
 
     def state_dict_light(self) -> dict[str, Any]:
         """Best-epoch weights (with progress, so it is a valid checkpoint to evaluate)."""

@@ -4,6 +4,8 @@ a corrupt test image is found before training and an evaluation crash never lose
 
 from __future__ import annotations
 
+import json
+import shutil
 import types
 from pathlib import Path
 
@@ -12,6 +14,7 @@ import pytest
 from dist_reid.cli import main
 from dist_reid.config import ConfigError, load_config
 from dist_reid.data.sampler import build_sampler
+from dist_reid.engine.checkpoint import load_checkpoint
 from dist_reid.engine.trainer import Trainer
 
 REPO = Path(__file__).resolve().parents[2]
@@ -76,3 +79,61 @@ def test_dist_reid_train_one_identity_per_batch_is_one_line_exit_2(tmp_path, cap
     assert len(lines) == 1 and "train.ids_per_batch" in lines[0], err
     assert "use >= 2 x world size = 2" in lines[0]
     assert not data.exists() and not (tmp_path / "run").exists()
+
+
+# -- case 5: a corrupt test image ------------------------------------------------------------
+def _test_image(out: Path) -> tuple[list[str], Path]:
+    """A tiny tree of its own (8 steps an epoch) and one of the images its evaluation reads."""
+    from dist_reid.builders import build_dataset
+    from dist_reid.data.synthetic.layouts import generate
+    from dist_reid.engine.evaluate import all_test_records
+
+    data = out / "data"
+    generate("sysu", data, 12, seed=3, images_per_camera=2)
+    overrides = tiny(data, out, "run", "train.epochs=1")
+    dataset = build_dataset(load_config(CONFIG, overrides))
+    records = all_test_records(dataset, ("all",), (0,))
+    return overrides, Path(records[len(records) // 2].path)
+
+
+@pytest.mark.slow
+def test_an_unreadable_test_image_is_refused_before_training(tmp_path, capsys, monkeypatch):
+    overrides, bad = _test_image(tmp_path)
+    bad.write_bytes(b"not an image at all")
+    steps = []
+    step = Trainer.train_step
+    monkeypatch.setattr(
+        Trainer, "train_step", lambda self, batch: steps.append(1) or step(self, batch)
+    )
+    assert main(["train", "-c", CONFIG, *overrides]) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    lines = _error_lines(err)
+    assert len(lines) == 1 and str(bad) in lines[0] and "test" in lines[0], err
+    assert steps == [] and not (tmp_path / "run" / "last.pt").exists()  # nothing trained
+
+
+@pytest.mark.slow
+def test_an_evaluation_crash_keeps_the_epoch_and_resume_only_evaluates(tmp_path, capsys):
+    """A truncated JPEG passes the header check and breaks only when decoded, in evaluation:
+    the epoch's last.pt is already written, and once the file is fixed the resume evaluates
+    that epoch without training it again."""
+    overrides, bad = _test_image(tmp_path)
+    good = bad.read_bytes()
+    bad.write_bytes(good[: len(good) // 2])
+    assert main(["train", "-c", CONFIG, *overrides]) == 2
+    lines = _error_lines(capsys.readouterr().err)
+    assert len(lines) == 1 and str(bad) in lines[0], lines
+    last = tmp_path / "run" / "last.pt"
+    state = load_checkpoint(last, resume=True)
+    assert (state["progress"]["epoch"], state["progress"]["cursor"]) == (1, 0)
+    steps = state["progress"]["global_step"]
+    assert steps > 0
+
+    bad.write_bytes(good)
+    assert main(["train", "-c", CONFIG, *overrides, "--resume"]) == 0
+    final = json.loads((tmp_path / "run" / "final_metrics.json").read_text())
+    assert final["global_step"] == steps  # not trained again
+    assert final["last_epoch"]["epoch"] == 0 and 0 <= final["last_epoch"]["metrics"]["all"]["mAP"]
+    history = json.loads(load_checkpoint(last, resume=True)["history"])
+    assert [r["epoch"] for r in history] == [0] and "metrics" in history[0]
