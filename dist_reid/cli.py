@@ -78,6 +78,8 @@ def _cmd_train(args: argparse.Namespace) -> int:
     resume = ["--resume"] if args.resume else []
     if args.resume_from:
         resume += ["--resume-from", args.resume_from]
+    if args.allow_config_change:
+        resume.append("--allow-config-change")
     return train_main(["--config", args.config, *resume, *args.overrides])
 
 

@@ -21,7 +21,8 @@ _OVERRIDE = re.compile(r"^[A-Za-z_][\w.\[\]-]*=")
 
 
 def add_resume_arguments(parser: argparse.ArgumentParser) -> None:
-    """``--resume`` (a flag) and ``--resume-from PATH``, shared with ``dist-reid train``."""
+    """``--resume`` (a flag), ``--resume-from PATH`` and ``--allow-config-change``, shared with
+    ``dist-reid train``."""
     parser.add_argument(
         "--resume",
         action="store_true",
@@ -32,6 +33,13 @@ def add_resume_arguments(parser: argparse.ArgumentParser) -> None:
         metavar="PATH",
         help="continue this checkpoint; with --resume, only while <run dir>/last.pt does not "
         "exist yet (a requeued job continues its own progress)",
+    )
+    parser.add_argument(
+        "--allow-config-change",
+        action="store_true",
+        help="resume even though the config changes what is trained (e.g. train.lr): the new "
+        "values replace the checkpoint's (lr groups, epochs, schedule); both configs are kept "
+        "in the run folder. Without it such a resume is refused, listing the changed keys",
     )
 
 
@@ -110,7 +118,9 @@ def train_main(argv: Sequence[str] | None = None) -> int:
     resume = args.resume_from
     if args.resume and (trainer.run_dir / "last.pt").is_file():
         resume = trainer.run_dir / "last.pt"
-    result = trainer.fit(Path(resume) if resume else None)
+    result = trainer.fit(
+        Path(resume) if resume else None, allow_config_change=args.allow_config_change
+    )
     if trainer.backend.is_main and "last_epoch" in result:
         print(f"final: {result['last_epoch']}")
     return 0

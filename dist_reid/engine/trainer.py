@@ -6,6 +6,7 @@ from __future__ import annotations
 import inspect
 import json
 import logging
+import shutil
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -24,7 +25,16 @@ from dist_reid.builders import (
     check_pretrained,
     schedule_options,
 )
-from dist_reid.config import ConfigError, ExperimentConfig, config_hash, save_config
+from dist_reid.config import (
+    ConfigError,
+    ExperimentConfig,
+    config_changes,
+    config_hash,
+    describe_changes,
+    load_config,
+    plain_config,
+    save_config,
+)
 from dist_reid.data.images import ImageDecodeError, header_errors
 from dist_reid.data.pipeline import build_train_pipeline
 from dist_reid.data.records import Record
@@ -85,7 +95,6 @@ class Trainer:
         with main_process_first(b):
             self.dataset = build_dataset(cfg, generate_missing=b.is_main)
         if b.is_main:
-            save_config(cfg, self.run_dir)
             remove_stale_temporaries(self.run_dir)  # left by a run killed mid-checkpoint
         self.labels = self.dataset.train_labels()
         records = self.dataset.train
@@ -150,6 +159,9 @@ class Trainer:
 
             self.writer = SummaryWriter(str(self.run_dir / "tensorboard"))
         self._test_records: list[Record] | None = None
+        # set by load() when --allow-config-change applied new values: the checkpoint's config
+        self._replaced_config: dict[str, Any] | None = None
+        self._config_replaced = False
         self.last_checkpoint: tuple[Path, int] | None = None  # (path, global step): NaN guard
 
     # -- setup -----------------------------------------------------------------------------
@@ -200,6 +212,7 @@ class Trainer:
             "rng": self.backend.all_gather_object(rng_state()),
             "history": json.dumps(self.history),
             "config_hash": config_hash(self.cfg),
+            "config": plain_config(self.cfg),  # what a resume compares, key by key
             "world_size": self.backend.world_size,
         }
 
@@ -212,15 +225,70 @@ class Trainer:
         self.last_checkpoint = (self.run_dir / name, self.global_step)
         return path
 
-    def load(self, path: str | Path) -> None:
-        state = load_checkpoint(path, resume=True)
-        if state["config_hash"] != config_hash(self.cfg):
-            log.warning(
-                "resuming %s with a different config (hash %s, now %s)",
-                path,
-                state["config_hash"],
-                config_hash(self.cfg),
+    def _checkpoint_config(self, path: Path, state: dict[str, Any]) -> dict[str, Any] | None:
+        """The config ``state`` was trained with: stored in it, or (a checkpoint of an older
+        version) the ``config.yaml`` beside it when that matches its hash; else None."""
+        if "config" in state:
+            return state["config"]
+        beside = path.parent / "config.yaml"
+        try:
+            written = load_config(beside)
+        except (ConfigError, OSError):
+            return None
+        return plain_config(written) if config_hash(written) == state["config_hash"] else None
+
+    def _check_config(
+        self, path: Path, state: dict[str, Any], allow_change: bool
+    ) -> list[tuple[str, Any, Any]] | None:
+        """The changes that matter between the checkpoint's config and ours (``None``: unknown,
+        only the hashes differ); refused unless ``allow_change``."""
+        old = self._checkpoint_config(path, state)
+        if old is not None:
+            changes = config_changes(old, plain_config(self.cfg))
+            if changes and not allow_change:
+                raise ConfigError(
+                    f"checkpoint {path} was trained with a different config: "
+                    f"{describe_changes(changes)}; resuming would mix the two (the optimiser "
+                    "state brings back the old values): resume with the old values, or pass "
+                    "--allow-config-change to apply the new ones"
+                )
+            self._replaced_config = old
+            return changes
+        if state["config_hash"] == config_hash(self.cfg):
+            return []
+        if not allow_change:
+            raise ConfigError(
+                f"checkpoint {path} stores no config (an older version wrote it) and its config "
+                f"hash {state['config_hash']} differs from this config's {config_hash(self.cfg)}: "
+                "resume with the config it was trained with, or pass --allow-config-change to "
+                "apply this one"
             )
+        return None
+
+    def _apply_config(self, fresh: list[dict[str, Any]]) -> None:
+        """After loading the optimiser and scheduler state, put back what this config says:
+        each group's hyper-parameters (weight decay, momentum, ...) and base lr (train.lr x its
+        multiplier), the schedule's base lrs, and the lr the schedule gives at this epoch. The
+        schedule's shape already is this config's (its functions are never stored)."""
+        scheduler = self.scheduler
+        groups = self.optimizer.param_groups
+        for group, new, factor in zip(groups, fresh, scheduler.lr_lambdas, strict=True):
+            group.update({key: value for key, value in new.items() if key != "lr"})
+            group["lr"] = new["initial_lr"] * factor(scheduler.last_epoch)
+        scheduler.base_lrs = [new["initial_lr"] for new in fresh]
+        scheduler._last_lr = [group["lr"] for group in groups]
+
+    def load(self, path: str | Path, allow_config_change: bool = False) -> None:
+        """Restore a ``last.pt``. Its stored config is compared with ours (the keys of
+        :data:`~dist_reid.config.RESUME_NEUTRAL_KEYS` aside): a difference is refused unless
+        ``allow_config_change``, which applies our values over the restored optimiser state."""
+        path = Path(path)
+        state = load_checkpoint(path, resume=True)
+        changes = self._check_config(path, state, allow_config_change)
+        fresh = [
+            {key: value for key, value in group.items() if key != "params"}
+            for group in self.optimizer.param_groups
+        ]
         self.backend.unwrap(self.model).load_state_dict(state["model"])
         try:
             self.optimizer.load_state_dict(state["optimizer"])
@@ -238,6 +306,19 @@ class Trainer:
         self.last_checkpoint = (Path(path), self.global_step)
         if state["world_size"] == self.backend.world_size:
             set_rng_state(state["rng"][self.backend.rank])
+        if changes != []:  # changed (or unknown) and allowed: this config's values win
+            self._apply_config(fresh)
+            self._config_replaced = True
+            applied = {g.get("name", i): g["lr"] for i, g in enumerate(self.optimizer.param_groups)}
+            log.warning(
+                "resuming %s with a changed config (--allow-config-change): %s; lr per group now %s",
+                path,
+                describe_changes(changes)
+                if changes
+                else f"unknown changes (config hash {state['config_hash']} -> "
+                f"{config_hash(self.cfg)})",
+                applied,
+            )
 
     # -- evaluation ------------------------------------------------------------------------
     def _protocol(self) -> tuple[Sequence[str], Sequence[int], dict[str, bool]]:
@@ -358,11 +439,31 @@ class Trainer:
             b.step(self.optimizer)
         return {k: float(v.detach()) for k, v in terms.items()} | {"total": float(total.detach())}
 
-    def fit(self, resume: str | Path | None = None) -> dict[str, Any]:
+    def _record_config(self) -> None:
+        """``config.yaml`` = this run's config, written once a resume accepted it; a config
+        replaced by ``--allow-config-change`` is kept as ``config.previous-<UTC time>.yaml``."""
+        if not self.backend.is_main:
+            return
+        if self._config_replaced:
+            name = f"config.previous-{time.strftime('%Y%m%dT%H%M%SZ', time.gmtime())}.yaml"
+            current = self.run_dir / "config.yaml"
+            if self._replaced_config is not None:
+                save_config(self._replaced_config, self.run_dir, name)
+            elif current.is_file():  # an older checkpoint: the config written at its start
+                shutil.copyfile(current, self.run_dir / name)
+        save_config(self.cfg, self.run_dir)
+
+    def fit(
+        self, resume: str | Path | None = None, allow_config_change: bool = False
+    ) -> dict[str, Any]:
+        """Train to ``train.epochs`` (or ``train.max_steps``), from ``resume`` if given; a
+        resume with a config that changes what is trained is refused unless
+        ``allow_config_change`` (see :meth:`load`)."""
         b, t = self.backend, self.cfg.train
         if resume is not None:
-            self.load(resume)
+            self.load(resume, allow_config_change=allow_config_change)
             log.info("resumed from %s at epoch %d step %d", resume, self.epoch, self.cursor)
+        self._record_config()
         pending = self._evaluation_pending()
         if pending or self.epoch < t.epochs:
             self.check_test_images()
@@ -459,6 +560,7 @@ class Trainer:
         return {
             "model": self.backend.unwrap(self.model).state_dict(),
             "progress": {"epoch": self.epoch},
+            "config": plain_config(self.cfg),
         }
 
     def _is_best(self, record: dict[str, Any]) -> bool:

@@ -94,8 +94,9 @@ def test_dist_reid_train_resume_then_override_trains_the_named_run(synthetic_tre
     # --resume with --resume-from (train.sbatch always adds --resume): the run's own last.pt
     # wins once it exists, so the PATH given at the first submission may even be gone by then
     gone = str(tmp_path / "gone.pt")
+    # (two epochs instead of one: a change of what is trained, applied explicitly)
     again = [*common, "run.name=b", "train.epochs=2", "train.max_steps=2"]
-    assert main([*again, "--resume", "--resume-from", gone]) == 0
+    assert main([*again, "--resume", "--resume-from", gone, "--allow-config-change"]) == 0
     assert load_checkpoint(tmp_path / "b" / "last.pt")["progress"]["global_step"] == 2
     assert main([*common, "run.name=c", "--resume", "--resume-from", gone]) == 2
 
