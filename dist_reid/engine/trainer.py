@@ -52,6 +52,7 @@ from dist_reid.engine.checkpoint import (
 from dist_reid.engine.evaluate import all_test_records
 from dist_reid.engine.fused import make_optimizer, maybe_sync_batchnorm
 from dist_reid.engine.preemption import Preempted, PreemptionHandler, inject_fault
+from dist_reid.engine.runlock import RunFolderLocked, acquire_run_lock, release_run_lock
 from dist_reid.engine.schedules import lr_lambdas
 from dist_reid.evaluation.features import FeatureCache, extract_features
 from dist_reid.evaluation.protocols import run_protocol
@@ -92,6 +93,19 @@ class Trainer:
         check_pretrained(cfg, warn=b.is_main)  # offline without cached weights: fail before data
         torch.manual_seed(cfg.run.seed)  # identical initial weights on every rank
         self.run_dir = Path(cfg.run.output_dir) / cfg.run.name
+        self._locked = False
+        # One run per run folder: rank 0 locks it for the run's lifetime (released by finish()
+        # or by its death); every rank learns the answer before any data is read.
+        refusal = None
+        if b.is_main:
+            try:
+                acquire_run_lock(self.run_dir)
+                self._locked = True
+            except RunFolderLocked as exc:
+                refusal = str(exc)
+        refusal = b.broadcast_object(refusal)
+        if refusal is not None:
+            raise RunFolderLocked(refusal)
         with main_process_first(b):
             self.dataset = build_dataset(cfg, generate_missing=b.is_main)
         if b.is_main:
@@ -588,4 +602,7 @@ class Trainer:
             (self.run_dir / "final_metrics.json").write_text(json.dumps(result, indent=2))
         if self.writer is not None:
             self.writer.flush()
+        if self._locked:
+            release_run_lock(self.run_dir)
+            self._locked = False
         return result

@@ -6,6 +6,12 @@ from __future__ import annotations
 
 import json
 import logging
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
 import types
 from pathlib import Path
 
@@ -247,3 +253,63 @@ def test_an_older_checkpoint_without_a_config_is_checked_by_its_hash(small_tree,
     lines = _error_lines(capsys.readouterr().err)
     assert len(lines) == 1 and "config hash" in lines[0] and "--allow-config-change" in lines[0]
     assert main([*base, "train.max_steps=2", "--resume"]) == 0  # the same config: resumes
+
+
+# -- case 3: two runs in one run folder ------------------------------------------------------
+def _wait_for(condition, what: str, proc: subprocess.Popen, seconds: float = 300) -> None:
+    deadline = time.monotonic() + seconds
+    while not condition():
+        if proc.poll() is not None:
+            raise AssertionError(f"the first run ended ({proc.returncode}) before {what}")
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.5)
+
+
+@pytest.mark.slow
+def test_a_second_run_in_a_live_runs_folder_is_refused_naming_the_holder(
+    small_tree, tmp_path, capsys, caplog
+):
+    argv = ["train", "-c", CONFIG, *tiny(small_tree, tmp_path, "run", "train.max_steps=1")]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    first = subprocess.Popen(
+        [sys.executable, "-m", "dist_reid", *argv[:-1], "train.epochs=50"],
+        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    run = tmp_path / "run"
+    try:
+        _wait_for(lambda: (run / "config.yaml").is_file(), "the first run started", first)
+        os.kill(first.pid, signal.SIGSTOP)  # alive, holding the folder, using no CPU
+        assert main(argv) == 2
+        err = capsys.readouterr().err
+        lines = _error_lines(err)
+        assert len(lines) == 1 and "Traceback" not in err, err
+        line = lines[0]
+        assert str(run) in line and f"pid {first.pid}" in line
+        assert f"host {socket.gethostname()}" in line and "started 20" in line
+        assert not (run / "last.pt").exists()  # the second run wrote nothing
+    finally:
+        first.kill()
+        first.wait(timeout=60)
+    # its holder killed: the lock it left is stale and the next run takes the folder over
+    with caplog.at_level(logging.WARNING):
+        assert main(argv) == 0
+    assert f"pid {first.pid}" in caplog.text and "took over" in caplog.text
+    assert load_checkpoint(run / "last.pt")["progress"]["global_step"] == 1
+
+
+def test_a_lock_left_by_a_dead_pid_is_taken_over_and_one_process_may_reenter(tmp_path):
+    from dist_reid.engine.runlock import acquire_run_lock, lock_holder, release_run_lock
+
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    lock = tmp_path / "run.lock"
+    stale = {"host": socket.gethostname(), "pid": dead.pid, "started": "2026-01-01T00:00:00Z"}
+    lock.write_text(json.dumps(stale))
+    previous = acquire_run_lock(tmp_path)
+    assert previous == stale  # the dead run's record, taken over
+    assert lock_holder(tmp_path)["pid"] == os.getpid()
+    assert acquire_run_lock(tmp_path) is None  # the same process again: re-entered, no takeover
+    release_run_lock(tmp_path)
+    release_run_lock(tmp_path)
+    assert lock_holder(tmp_path) is None  # a clean end leaves nothing to take over
