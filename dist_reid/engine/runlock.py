@@ -100,8 +100,14 @@ def acquire_run_lock(folder: str | os.PathLike[str]) -> dict[str, Any] | None:
     path = folder / LOCK_NAME
     key = os.path.realpath(path)
     if key in _HELD:
-        _HELD[key][1] += 1
-        return None
+        try:
+            same = os.path.samestat(os.fstat(_HELD[key][0]), os.stat(path))
+        except FileNotFoundError:
+            same = False
+        if same:
+            _HELD[key][1] += 1
+            return None
+        os.close(_HELD.pop(key)[0])  # the folder was deleted and made anew: lock the new file
     fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
     try:
         try:

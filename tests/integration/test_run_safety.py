@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -313,3 +314,15 @@ def test_a_lock_left_by_a_dead_pid_is_taken_over_and_one_process_may_reenter(tmp
     release_run_lock(tmp_path)
     release_run_lock(tmp_path)
     assert lock_holder(tmp_path) is None  # a clean end leaves nothing to take over
+
+
+def test_a_folder_deleted_and_made_anew_is_locked_again(tmp_path):
+    from dist_reid.engine.runlock import acquire_run_lock, lock_holder, release_run_lock
+
+    folder = tmp_path / "run"
+    acquire_run_lock(folder)
+    shutil.rmtree(folder)
+    assert acquire_run_lock(folder) is None
+    assert lock_holder(folder)["pid"] == os.getpid()  # recorded in the new file
+    release_run_lock(folder)
+    assert lock_holder(folder) is None
