@@ -6,6 +6,7 @@ import inspect
 import logging
 from pathlib import Path
 
+from reid_kernels import BatchLayout
 from torch import nn
 
 from dist_reid.config.schema import ConfigError, ExperimentConfig
@@ -119,14 +120,23 @@ def build_model(
     return _call(factory, "model", kwargs)
 
 
-def build_loss(cfg: ExperimentConfig) -> nn.Module:
+def build_loss(cfg: ExperimentConfig, batch_layout: BatchLayout | None = None) -> nn.Module:
+    """The configured loss; ``batch_layout`` (a ``reid_kernels.BatchLayout``, from the trainer's
+    sampler) goes to the losses that take it, which then avoid host syncs."""
     try:
         factory = LOSSES.get(cfg.loss.name)
     except KeyError as exc:
         raise ConfigError(f"loss.name: {exc.args[0]}") from None
     kwargs = dict(cfg.loss.options)
-    if "kernels" in inspect.signature(factory).parameters:
+    accepted = inspect.signature(factory).parameters
+    if "kernels" in accepted:
         kwargs.setdefault("kernels", cfg.train.kernels)
+    if "batch_layout" in kwargs:
+        raise ConfigError(
+            "loss.options.batch_layout: set by the trainer from the sampler, not a key"
+        )
+    if batch_layout is not None and "batch_layout" in accepted:
+        kwargs["batch_layout"] = batch_layout
     return _call(factory, "loss", kwargs)
 
 

@@ -13,6 +13,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from reid_kernels import BatchLayout
 from torch import nn
 from tqdm import tqdm
 
@@ -134,7 +135,12 @@ class Trainer:
         # Batch fields a model may ask for by naming them in forward() (e.g. MIP's cameras).
         accepted = inspect.signature(self.backend.unwrap(self.model).forward).parameters
         self.batch_extras = [name for name in ("cams",) if name in accepted]
-        self.loss = build_loss(cfg)
+        # Every local batch is P/W identities x (K + K) (the sampler's layout): losses that take
+        # it compute their segment reductions without host syncs.
+        layout = BatchLayout(
+            t.ids_per_batch // b.world_size, t.instances_per_modality, self.sampler.infrared_first
+        )
+        self.loss = build_loss(cfg, batch_layout=layout)
         self.epoch = 0
         self.cursor = 0  # optimiser steps done inside the current epoch
         self.global_step = 0
@@ -260,7 +266,9 @@ class Trainer:
                 feats = extract_features(
                     model,
                     shard,
-                    build_test_transform(cfg.data.height, cfg.data.width, cfg.data.mean, cfg.data.std),
+                    build_test_transform(
+                        cfg.data.height, cfg.data.width, cfg.data.mean, cfg.data.std
+                    ),
                     batch_size=cfg.eval.batch_size,
                     device=b.device,
                     flip=cfg.eval.flip,
