@@ -88,6 +88,7 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 
     from dist_reid.builders import check_pretrained, ensure_synthetic
     from dist_reid.config import load_config
+    from dist_reid.engine.cpu_threads import threads_per_process
     from dist_reid.engine.evaluate import run_evaluation
 
     cfg = load_config(args.config, args.overrides)
@@ -97,7 +98,8 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     if cfg.train.epochs == 0:
         run_evaluation(cfg, untrained=True)
         return 0
-    env = {**os.environ, "OMP_NUM_THREADS": str(max(1, (os.cpu_count() or 1) // args.processes))}
+    share = threads_per_process({**os.environ, "LOCAL_WORLD_SIZE": str(args.processes)})
+    env = {**os.environ, "OMP_NUM_THREADS": str(share)}  # each process its share of the cores
     command = [
         sys.executable,
         "-m",

@@ -10,7 +10,6 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
-import torch
 from rich.console import Console
 from rich.progress import Progress
 from rich.table import Table
@@ -20,6 +19,7 @@ from dist_reid.config import ExperimentConfig, save_config
 from dist_reid.data.datasets import VIReIDDataset
 from dist_reid.data.records import Record
 from dist_reid.data.transforms import build_test_transform
+from dist_reid.engine.cpu_threads import configure_threads
 from dist_reid.evaluation.features import FeatureCache, extract_features
 from dist_reid.evaluation.protocols import (
     METRIC_NAMES,
@@ -54,7 +54,7 @@ def model_features(
     if checkpoint is not None:
         load_model_weights(model, checkpoint)
     transform = build_test_transform(cfg.data.height, cfg.data.width, cfg.data.mean, cfg.data.std)
-    torch.set_num_threads(max(1, os.cpu_count() or 1))
+    configure_threads()  # one process: every usable core (or OMP_NUM_THREADS)
 
     def compute(records: Sequence[Record]) -> np.ndarray:
         with Progress(console=console, transient=True) as progress:
