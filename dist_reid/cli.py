@@ -260,6 +260,8 @@ def _cmd_bench(args: argparse.Namespace) -> int:
         from dist_reid.bench.methods import main as suite
     elif args.suite == "accuracy":
         from dist_reid.bench.accuracy import main as suite
+    elif args.suite == "gpu":
+        from dist_reid.bench.gpu import main as suite
     elif args.suite in ("train", "scaling"):
         from dist_reid.bench.train import main as bench_train
 
@@ -391,7 +393,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("bench", help="benchmarks (JSON + markdown table)")
     p.add_argument(
         "suite",
-        choices=("eval", "kernels", "loader", "methods", "train", "scaling", "accuracy"),
+        choices=("eval", "kernels", "loader", "methods", "train", "scaling", "accuracy", "gpu"),
     )
     p.add_argument(
         "rest",
