@@ -13,6 +13,7 @@ from dist_reid.config.schema import ConfigError, ExperimentConfig
 from dist_reid.data.augment import AugmentOptions
 from dist_reid.data.datasets import VIReIDDataset, open_dataset
 from dist_reid.data.synthetic.layouts import generate
+from dist_reid.evaluation.protocols import EvaluationPlan
 from dist_reid.losses import LOSSES
 from dist_reid.models import MODELS
 from dist_reid.models.pretrained import IMAGENET, require_imagenet_weights
@@ -138,6 +139,30 @@ def build_loss(cfg: ExperimentConfig, batch_layout: BatchLayout | None = None) -
     if batch_layout is not None and "batch_layout" in accepted:
         kwargs["batch_layout"] = batch_layout
     return _call(factory, "loss", kwargs)
+
+
+def evaluation_plan(
+    cfg: ExperimentConfig, dataset: VIReIDDataset, *, every_trial: bool = False
+) -> EvaluationPlan:
+    """The one evaluation plan of a config and its dataset. ``eval.settings``/``eval.trials``
+    when set, else every setting and the trials the dataset scores a model on (a RegDB model:
+    its own trial); ``every_trial`` takes all of them (per-trial models or feature files, an
+    untrained model, extracting features for later)."""
+    e, d = cfg.eval, cfg.data
+    trials = e.trials or (dataset.trials if every_trial else dataset.scored_trials())
+    return EvaluationPlan(
+        settings=tuple(e.settings or dataset.settings),
+        trials=tuple(trials),
+        multi_shot=e.multi_shot,
+        transposed_v2i=e.llcm_transposed_v2i,
+        max_rank=e.max_rank,
+        height=d.height,
+        width=d.width,
+        mean=tuple(d.mean),
+        std=tuple(d.std),
+        batch_size=e.batch_size,
+        flip=e.flip,
+    )
 
 
 def schedule_options(cfg: ExperimentConfig) -> dict:

@@ -123,10 +123,9 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 
 
 def _cmd_extract(args: argparse.Namespace) -> int:
-    from dist_reid.builders import build_dataset, build_model
+    from dist_reid.builders import build_dataset, build_model, evaluation_plan
     from dist_reid.config import load_config
-    from dist_reid.data.transforms import build_test_transform
-    from dist_reid.engine.evaluate import all_test_records, save_features
+    from dist_reid.engine.evaluate import save_features
     from dist_reid.evaluation.features import extract_features
     from dist_reid.models.backbones import load_model_weights
 
@@ -137,20 +136,16 @@ def _cmd_extract(args: argparse.Namespace) -> int:
         load_model_weights(model, args.checkpoint)
     elif not args.untrained:
         raise ValueError("give --checkpoint, or --untrained to extract with random weights")
-    records = all_test_records(
-        dataset,
-        cfg.eval.settings or dataset.settings,
-        cfg.eval.trials or dataset.trials,
-        multi_shot=cfg.eval.multi_shot,
-        transposed_v2i=cfg.eval.llcm_transposed_v2i,
-    )
+    # every trial's images: the file may later be scored on any of them
+    plan = evaluation_plan(cfg, dataset, every_trial=True)
+    records = plan.records(dataset)
     feats = extract_features(
         model,
         records,
-        build_test_transform(cfg.data.height, cfg.data.width, cfg.data.mean, cfg.data.std),
-        batch_size=cfg.eval.batch_size,
+        plan.transform(),
+        batch_size=plan.batch_size,
         num_workers=cfg.data.num_workers,
-        flip=cfg.eval.flip,
+        flip=plan.flip,
     )
     path = save_features(args.out, dataset, records, feats)
     print(f"wrote {feats.shape[0]} features of dimension {feats.shape[1]} to {path}")

@@ -23,13 +23,13 @@ from dist_reid.builders import (
     build_loss,
     build_model,
     check_pretrained,
+    evaluation_plan,
     schedule_options,
 )
 from dist_reid.config import ConfigError, ExperimentConfig, config_hash, save_config
 from dist_reid.data.pipeline import build_train_pipeline
 from dist_reid.data.records import Record
 from dist_reid.data.sampler import build_sampler
-from dist_reid.data.transforms import build_test_transform
 from dist_reid.engine.backends import TrainingBackend, create_backend, main_process_first
 from dist_reid.engine.checkpoint import (
     CheckpointError,
@@ -39,7 +39,6 @@ from dist_reid.engine.checkpoint import (
     save_checkpoint,
     set_rng_state,
 )
-from dist_reid.engine.evaluate import all_test_records
 from dist_reid.engine.fused import make_optimizer, maybe_sync_batchnorm
 from dist_reid.engine.preemption import Preempted, PreemptionHandler, inject_fault
 from dist_reid.engine.schedules import lr_lambdas
@@ -84,6 +83,7 @@ class Trainer:
             save_config(cfg, self.run_dir)
             remove_stale_temporaries(self.run_dir)  # left by a run killed mid-checkpoint
         self.labels = self.dataset.train_labels()
+        self.plan = evaluation_plan(cfg, self.dataset)  # what every evaluation of the run scores
         records = self.dataset.train
         self.sampler = build_sampler(
             cfg.data.sampler,
@@ -244,17 +244,9 @@ class Trainer:
     def evaluate(self) -> dict[str, Any]:
         """Features of exactly the test set, one contiguous unpadded shard per rank, gathered;
         rank 0 scores the protocol and broadcasts it, so all ranks leave together."""
-        cfg, b = self.cfg, self.backend
-        settings = cfg.eval.settings or self.dataset.settings
-        trials = cfg.eval.trials or self.dataset.trials
-        if self.dataset.name == "regdb" and not cfg.eval.trials:
-            trials = (cfg.data.trial,)  # a RegDB model is scored on its own split only
-        options = {
-            "multi_shot": cfg.eval.multi_shot,
-            "transposed_v2i": cfg.eval.llcm_transposed_v2i,
-        }
+        b, plan = self.backend, self.plan
         if self._test_records is None:
-            self._test_records = all_test_records(self.dataset, settings, trials, **options)
+            self._test_records = plan.records(self.dataset)
         records = self._test_records
         bounds = np.linspace(0, len(records), b.world_size + 1).astype(int)
         shard = records[bounds[b.rank] : bounds[b.rank + 1]]
@@ -266,12 +258,10 @@ class Trainer:
                 feats = extract_features(
                     model,
                     shard,
-                    build_test_transform(
-                        cfg.data.height, cfg.data.width, cfg.data.mean, cfg.data.std
-                    ),
-                    batch_size=cfg.eval.batch_size,
+                    plan.transform(),
+                    batch_size=plan.batch_size,
                     device=b.device,
-                    flip=cfg.eval.flip,
+                    flip=plan.flip,
                 )
         parts = [p for p in b.all_gather_object(feats) if p is not None]
         summary = None
@@ -280,10 +270,10 @@ class Trainer:
             report = run_protocol(
                 self.dataset,
                 cache,
-                settings=settings,
-                trials=trials,
-                max_rank=cfg.eval.max_rank,
-                **options,
+                settings=plan.settings,
+                trials=plan.trials,
+                max_rank=plan.max_rank,
+                **plan.split_options,
             )
             summary = {s.setting: s.mean() for s in report.settings}
         summary = b.broadcast_object(summary)
