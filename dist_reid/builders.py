@@ -15,7 +15,9 @@ from dist_reid.data.datasets import VIReIDDataset, open_dataset
 from dist_reid.data.synthetic.layouts import generate
 from dist_reid.evaluation.protocols import EvaluationPlan
 from dist_reid.losses import LOSSES
+from dist_reid.losses.contract import ReIDLoss
 from dist_reid.models import MODELS
+from dist_reid.models.contract import contract_errors
 from dist_reid.models.pretrained import IMAGENET, require_imagenet_weights
 
 log = logging.getLogger(__name__)
@@ -139,6 +141,25 @@ def build_loss(cfg: ExperimentConfig, batch_layout: BatchLayout | None = None) -
     if batch_layout is not None and "batch_layout" in accepted:
         kwargs["batch_layout"] = batch_layout
     return _call(factory, "loss", kwargs)
+
+
+def check_method(model: nn.Module, loss: nn.Module, cfg: ExperimentConfig) -> None:
+    """The method contract, checked once when model and loss are built: the model is a
+    ``ReIDModel``, the loss a ``ReIDLoss``, and every output the loss reads is one the model,
+    as configured, returns. One ConfigError naming the keys otherwise."""
+    problems = contract_errors(model)
+    if problems:
+        raise ConfigError(f"model.name={cfg.model.name}: {type(model).__name__} {problems[0]}")
+    if not isinstance(loss, ReIDLoss):
+        raise ConfigError(
+            f"loss.name={cfg.loss.name}: {type(loss).__name__} has no required_outputs"
+        )
+    missing = [key for key in loss.required_outputs if key not in model.output_keys]
+    if missing:
+        raise ConfigError(
+            f"loss.name={cfg.loss.name} reads {missing} from the model, but "
+            f"model.name={cfg.model.name} as configured returns only {list(model.output_keys)}"
+        )
 
 
 def evaluation_plan(

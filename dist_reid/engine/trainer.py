@@ -3,7 +3,6 @@ backend backward/step -> hooks (lr, logging, NaN guard, evaluation, checkpoints)
 
 from __future__ import annotations
 
-import inspect
 import json
 import logging
 import time
@@ -22,6 +21,7 @@ from dist_reid.builders import (
     build_dataset,
     build_loss,
     build_model,
+    check_method,
     check_pretrained,
     evaluation_plan,
     schedule_options,
@@ -44,6 +44,7 @@ from dist_reid.engine.preemption import Preempted, PreemptionHandler, inject_fau
 from dist_reid.engine.schedules import lr_lambdas
 from dist_reid.evaluation.features import FeatureCache, extract_features
 from dist_reid.evaluation.protocols import run_protocol
+from dist_reid.losses.contract import EpochAwareLoss
 
 log = logging.getLogger(__name__)
 SELECTION_METRIC = "mAP"
@@ -116,6 +117,13 @@ class Trainer:
             ),
         )
         model = build_model(cfg, num_classes=len(self.labels))
+        # Every local batch is P/W identities x (K + K) (the sampler's layout): losses that take
+        # it compute their segment reductions without host syncs.
+        layout = BatchLayout(
+            t.ids_per_batch // b.world_size, t.instances_per_modality, self.sampler.infrared_first
+        )
+        self.loss = build_loss(cfg, batch_layout=layout)
+        check_method(model, self.loss, cfg)  # the contract, once, before anything relies on it
         model = maybe_sync_batchnorm(model, t.sync_bn)
         if t.channels_last:
             model = model.to(memory_format=torch.channels_last)
@@ -132,15 +140,8 @@ class Trainer:
         )
         self.model, self.optimizer = b.prepare(model, optimizer)
         self.forward = torch.compile(self.model) if t.compile else self.model
-        # Batch fields a model may ask for by naming them in forward() (e.g. MIP's cameras).
-        accepted = inspect.signature(self.backend.unwrap(self.model).forward).parameters
-        self.batch_extras = [name for name in ("cams",) if name in accepted]
-        # Every local batch is P/W identities x (K + K) (the sampler's layout): losses that take
-        # it compute their segment reductions without host syncs.
-        layout = BatchLayout(
-            t.ids_per_batch // b.world_size, t.instances_per_modality, self.sampler.infrared_first
-        )
-        self.loss = build_loss(cfg, batch_layout=layout)
+        # Batch fields the model names in its contract (e.g. MIP's cameras).
+        self.batch_extras = list(self.backend.unwrap(self.model).batch_fields)
         self.epoch = 0
         self.cursor = 0  # optimiser steps done inside the current epoch
         self.global_step = 0
@@ -158,11 +159,7 @@ class Trainer:
         """One optimiser group per model lr group (``model.lr_groups()``: name -> (params,
         multiplier)), multipliers overridable by ``optim.lr_mults``; frozen parameters skipped."""
         cfg, o = self.cfg, self.cfg.optim
-        named = (
-            model.lr_groups()
-            if hasattr(model, "lr_groups")
-            else {"all": (list(model.parameters()), 1.0)}
-        )
+        named = model.lr_groups()  # part of the method contract (check_method)
         unknown = set(o.lr_mults) - set(named)
         if unknown:
             raise ConfigError(
@@ -329,7 +326,7 @@ class Trainer:
         stopped = False
         while self.epoch < t.epochs and not stopped:
             self.pipeline.set_epoch(self.epoch)
-            if hasattr(self.loss, "set_epoch"):  # epoch-gated terms (e.g. MIP's MSEL)
+            if isinstance(self.loss, EpochAwareLoss):  # epoch-gated terms (e.g. MIP's MSEL)
                 self.loss.set_epoch(self.epoch)
             steps = len(self.pipeline)
             bar = tqdm(

@@ -165,6 +165,11 @@ class ICRELoss(nn.Module):
         self.batch_layout = batch_layout
         self._layout_checked = False
 
+    @property
+    def required_outputs(self) -> tuple[str, ...]:
+        triplet = ("features",) if self.triplet != "none" else ()
+        return tuple(dict.fromkeys(("logits", self.icg_feature, *triplet)))
+
     def forward(
         self, outputs: dict[str, torch.Tensor], labels: torch.Tensor, modalities: torch.Tensor
     ) -> dict[str, torch.Tensor]:
