@@ -270,3 +270,26 @@ def test_the_default_timeouts_are_well_under_torchs_30_minutes():
     assert train.dist_timeout_s == 300 and train.dist_init_timeout_s == 1200
     assert train.dist_timeout_s < train.dist_init_timeout_s < 1800
     assert train.preempt_grace_s == 60  # Slurm's USR1 comes 180 s before the kill
+
+
+class _Backend:
+    rank, timeout_s, init_timeout_s, _in_setup = 1, 10.0, 600.0, False
+
+
+def test_only_collective_failures_become_the_one_line():
+    from dist_reid.engine.backends import peer_failure
+
+    gloo = "[/pytorch/third_party/gloo/gloo/transport/tcp/"
+    timeout = RuntimeError(f"{gloo}unbound_buffer.cc:78] Timed out waiting 10000ms for recv")
+    assert peer_failure(timeout, _Backend()) == (
+        "rank 1: a collective timed out after train.dist_timeout_s=10 s: a peer rank is hung, "
+        "stopped or dead (Timed out waiting 10000ms for recv)"
+    )
+    setup = _Backend()
+    setup._in_setup = True
+    assert "train.dist_init_timeout_s=600 s" in peer_failure(timeout, setup)
+    closed = RuntimeError(f"{gloo}pair.cc:561] Connection closed by peer [127.0.0.1]:27560")
+    assert peer_failure(closed, _Backend()).startswith("rank 1: a peer rank left the process group")
+    # Anything else keeps its own traceback: not mistaken for a hung peer.
+    assert peer_failure(RuntimeError("CUDA out of memory. Tried to allocate"), _Backend()) is None
+    assert peer_failure(RuntimeError("shape mismatch, timed out"), _Backend()) is None
