@@ -210,6 +210,30 @@ def test_preemption_with_a_frozen_peer_exits_after_the_grace_period_without_a_ch
     assert 4 < waited < 30, waited
 
 
+@pytest.mark.slow
+def test_a_healthy_preemption_still_checkpoints_and_exits_75_with_the_deadline_armed(
+    synthetic_trees, tmp_path, free_port
+):
+    root, _ = synthetic_trees["sysu"]
+    last = tmp_path / "hang" / "last.pt"
+    procs = _start_training(root, tmp_path, free_port(), "train.preempt_grace_s=20")
+    try:
+        deadline = time.monotonic() + 300
+        while not last.exists():
+            assert all(p.poll() is None for p in procs), _stderr(tmp_path, 0)[-3000:]
+            assert time.monotonic() < deadline, "training did not reach its first checkpoint"
+            time.sleep(0.2)
+        os.kill(procs[0].pid, signal.SIGTERM)  # rank 0 only: the per-step all-reduce tells rank 1
+        codes = [_wait(proc, bound=120)[0] for proc in procs]
+    finally:
+        _stop_all(procs)
+    assert codes == [PREEMPTED_EXIT_CODE] * 2, [_stderr(tmp_path, r)[-2000:] for r in (0, 1)]
+    err = _stderr(tmp_path, 0)
+    assert "preemption:" not in err
+    step = int(re.search(r"preempted: checkpointed at step (\d+)", err)[1])
+    assert _step(last) == step > 0
+
+
 # A process whose main thread gets SIGTERM and then writes its checkpoint (uninstall) after
 # CHECKPOINT_AFTER seconds, or never; the deadline is 1 s.
 _HANDLER_SCRIPT = """
