@@ -30,7 +30,12 @@ from dist_reid.config import ConfigError, ExperimentConfig, config_hash, save_co
 from dist_reid.data.pipeline import build_train_pipeline
 from dist_reid.data.records import Record
 from dist_reid.data.sampler import build_sampler
-from dist_reid.engine.backends import TrainingBackend, create_backend, main_process_first
+from dist_reid.engine.backends import (
+    TrainingBackend,
+    create_backend,
+    main_process_first,
+    peer_failure,
+)
 from dist_reid.engine.checkpoint import (
     CheckpointError,
     load_checkpoint,
@@ -73,6 +78,8 @@ class Trainer:
             grad_accum=t.grad_accum,
             deepspeed_config=t.deepspeed_config,
             grad_clip=cfg.optim.grad_clip,
+            timeout_s=t.dist_timeout_s,
+            init_timeout_s=t.dist_init_timeout_s,
         )
         b = self.backend
         check_pretrained(cfg, warn=b.is_main)  # offline without cached weights: fail before data
@@ -273,7 +280,8 @@ class Trainer:
                 **plan.split_options,
             )
             summary = {s.setting: s.mean() for s in report.settings}
-        summary = b.broadcast_object(summary)
+        with b.waiting_on_rank_zero():  # rank 0 alone scores the protocol meanwhile
+            summary = b.broadcast_object(summary)
         self.model.train()
         return summary
 
@@ -300,15 +308,10 @@ class Trainer:
             total = sum(terms.values())
             if not torch.isfinite(total):
                 bad = {k: float(v.detach()) for k, v in terms.items() if not torch.isfinite(v)}
-                last = (
-                    f"the last good checkpoint is {self.last_checkpoint[0]} "
-                    f"(global step {self.last_checkpoint[1]})"
-                    if self.last_checkpoint
-                    else "no checkpoint was written yet"
-                )
                 raise NonFiniteLossError(
                     f"non-finite loss at epoch {self.epoch} step {self.cursor} (global step "
-                    f"{self.global_step + 1}): {bad or {'total': float(total.detach())}}; {last}"
+                    f"{self.global_step + 1}): {bad or {'total': float(total.detach())}}; "
+                    f"{self.describe_last_checkpoint(good=True)}"
                 )
             b.backward(total)  # accelerate scales by 1/grad_accum itself
             if self.cfg.optim.grad_clip:
@@ -316,13 +319,33 @@ class Trainer:
             b.step(self.optimizer)
         return {k: float(v.detach()) for k, v in terms.items()} | {"total": float(total.detach())}
 
+    def describe_last_checkpoint(self, good: bool = False) -> str:
+        if self.last_checkpoint is None:
+            return "no checkpoint was written yet"
+        path, step = self.last_checkpoint
+        return f"the last {'good ' if good else ''}checkpoint is {path} (global step {step})"
+
     def fit(self, resume: str | Path | None = None) -> dict[str, Any]:
+        """Train to ``train.epochs``. A collective that times out or loses a peer (hung, stopped
+        or dead rank) ends the run with one line naming the last checkpoint (SystemExit, 1)."""
+        try:
+            return self._fit(resume)
+        except RuntimeError as exc:
+            line = peer_failure(exc, self.backend)
+            if line is None:
+                raise
+            raise SystemExit(f"{line}; {self.describe_last_checkpoint()}") from None
+
+    def _fit(self, resume: str | Path | None) -> dict[str, Any]:
         b, t = self.backend, self.cfg.train
         if resume is not None:
             self.load(resume)
             log.info("resumed from %s at epoch %d step %d", resume, self.epoch, self.cursor)
         self.model.train()
-        self.preemption = PreemptionHandler().install()  # SIGUSR1/SIGTERM: checkpoint, exit 75
+        # SIGUSR1/SIGTERM: checkpoint, exit 75; no checkpoint within the grace period: exit 1
+        self.preemption = PreemptionHandler(
+            grace_s=t.preempt_grace_s, describe_last=self.describe_last_checkpoint
+        ).install()
         stopped = False
         while self.epoch < t.epochs and not stopped:
             self.pipeline.set_epoch(self.epoch)
@@ -339,6 +362,7 @@ class Trainer:
             start = time.perf_counter()
             for batch in self.pipeline.iterate(self.cursor):
                 terms = self.train_step(batch)
+                b.end_setup()  # first step done: later collectives get train.dist_timeout_s
                 self.cursor += 1
                 self.global_step += 1
                 bar.update(1)
