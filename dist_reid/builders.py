@@ -6,14 +6,18 @@ import inspect
 import logging
 from pathlib import Path
 
+from reid_kernels import BatchLayout
 from torch import nn
 
 from dist_reid.config.schema import ConfigError, ExperimentConfig
 from dist_reid.data.augment import AugmentOptions
 from dist_reid.data.datasets import VIReIDDataset, open_dataset
 from dist_reid.data.synthetic.layouts import generate
+from dist_reid.evaluation.protocols import EvaluationPlan
 from dist_reid.losses import LOSSES
+from dist_reid.losses.contract import ReIDLoss
 from dist_reid.models import MODELS
+from dist_reid.models.contract import contract_errors
 from dist_reid.models.pretrained import IMAGENET, require_imagenet_weights
 
 log = logging.getLogger(__name__)
@@ -119,15 +123,67 @@ def build_model(
     return _call(factory, "model", kwargs)
 
 
-def build_loss(cfg: ExperimentConfig) -> nn.Module:
+def build_loss(cfg: ExperimentConfig, batch_layout: BatchLayout | None = None) -> nn.Module:
+    """The configured loss; ``batch_layout`` (a ``reid_kernels.BatchLayout``, from the trainer's
+    sampler) goes to the losses that take it, which then avoid host syncs."""
     try:
         factory = LOSSES.get(cfg.loss.name)
     except KeyError as exc:
         raise ConfigError(f"loss.name: {exc.args[0]}") from None
     kwargs = dict(cfg.loss.options)
-    if "kernels" in inspect.signature(factory).parameters:
+    accepted = inspect.signature(factory).parameters
+    if "kernels" in accepted:
         kwargs.setdefault("kernels", cfg.train.kernels)
+    if "batch_layout" in kwargs:
+        raise ConfigError(
+            "loss.options.batch_layout: set by the trainer from the sampler, not a key"
+        )
+    if batch_layout is not None and "batch_layout" in accepted:
+        kwargs["batch_layout"] = batch_layout
     return _call(factory, "loss", kwargs)
+
+
+def check_method(model: nn.Module, loss: nn.Module, cfg: ExperimentConfig) -> None:
+    """The method contract, checked once when model and loss are built: the model is a
+    ``ReIDModel``, the loss a ``ReIDLoss``, and every output the loss reads is one the model,
+    as configured, returns. One ConfigError naming the keys otherwise."""
+    problems = contract_errors(model)
+    if problems:
+        raise ConfigError(f"model.name={cfg.model.name}: {type(model).__name__} {problems[0]}")
+    if not isinstance(loss, ReIDLoss):
+        raise ConfigError(
+            f"loss.name={cfg.loss.name}: {type(loss).__name__} has no required_outputs"
+        )
+    missing = [key for key in loss.required_outputs if key not in model.output_keys]
+    if missing:
+        raise ConfigError(
+            f"loss.name={cfg.loss.name} reads {missing} from the model, but "
+            f"model.name={cfg.model.name} as configured returns only {list(model.output_keys)}"
+        )
+
+
+def evaluation_plan(
+    cfg: ExperimentConfig, dataset: VIReIDDataset, *, every_trial: bool = False
+) -> EvaluationPlan:
+    """The one evaluation plan of a config and its dataset. ``eval.settings``/``eval.trials``
+    when set, else every setting and the trials the dataset scores a model on (a RegDB model:
+    its own trial); ``every_trial`` takes all of them (per-trial models or feature files, an
+    untrained model, extracting features for later)."""
+    e, d = cfg.eval, cfg.data
+    trials = e.trials or (dataset.trials if every_trial else dataset.scored_trials())
+    return EvaluationPlan(
+        settings=tuple(e.settings or dataset.settings),
+        trials=tuple(trials),
+        multi_shot=e.multi_shot,
+        transposed_v2i=e.llcm_transposed_v2i,
+        max_rank=e.max_rank,
+        height=d.height,
+        width=d.width,
+        mean=tuple(d.mean),
+        std=tuple(d.std),
+        batch_size=e.batch_size,
+        flip=e.flip,
+    )
 
 
 def schedule_options(cfg: ExperimentConfig) -> dict:

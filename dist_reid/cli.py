@@ -90,6 +90,7 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 
     from dist_reid.builders import check_pretrained, ensure_synthetic
     from dist_reid.config import load_config
+    from dist_reid.engine.cpu_threads import threads_per_process
     from dist_reid.engine.evaluate import run_evaluation
 
     cfg = load_config(args.config, args.overrides)
@@ -99,7 +100,8 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     if cfg.train.epochs == 0:
         run_evaluation(cfg, untrained=True)
         return 0
-    env = {**os.environ, "OMP_NUM_THREADS": str(max(1, (os.cpu_count() or 1) // args.processes))}
+    share = threads_per_process({**os.environ, "LOCAL_WORLD_SIZE": str(args.processes)})
+    env = {**os.environ, "OMP_NUM_THREADS": str(share)}  # each process its share of the cores
     command = [
         sys.executable,
         "-m",
@@ -123,10 +125,9 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 
 
 def _cmd_extract(args: argparse.Namespace) -> int:
-    from dist_reid.builders import build_dataset, build_model
+    from dist_reid.builders import build_dataset, build_model, evaluation_plan
     from dist_reid.config import load_config
-    from dist_reid.data.transforms import build_test_transform
-    from dist_reid.engine.evaluate import all_test_records, save_features
+    from dist_reid.engine.evaluate import save_features
     from dist_reid.evaluation.features import extract_features
     from dist_reid.models.backbones import load_model_weights
 
@@ -137,20 +138,16 @@ def _cmd_extract(args: argparse.Namespace) -> int:
         load_model_weights(model, args.checkpoint)
     elif not args.untrained:
         raise ValueError("give --checkpoint, or --untrained to extract with random weights")
-    records = all_test_records(
-        dataset,
-        cfg.eval.settings or dataset.settings,
-        cfg.eval.trials or dataset.trials,
-        multi_shot=cfg.eval.multi_shot,
-        transposed_v2i=cfg.eval.llcm_transposed_v2i,
-    )
+    # every trial's images: the file may later be scored on any of them
+    plan = evaluation_plan(cfg, dataset, every_trial=True)
+    records = plan.records(dataset)
     feats = extract_features(
         model,
         records,
-        build_test_transform(cfg.data.height, cfg.data.width, cfg.data.mean, cfg.data.std),
-        batch_size=cfg.eval.batch_size,
+        plan.transform(),
+        batch_size=plan.batch_size,
         num_workers=cfg.data.num_workers,
-        flip=cfg.eval.flip,
+        flip=plan.flip,
     )
     path = save_features(args.out, dataset, records, feats)
     print(f"wrote {feats.shape[0]} features of dimension {feats.shape[1]} to {path}")
@@ -260,6 +257,8 @@ def _cmd_bench(args: argparse.Namespace) -> int:
         from dist_reid.bench.methods import main as suite
     elif args.suite == "accuracy":
         from dist_reid.bench.accuracy import main as suite
+    elif args.suite == "gpu":
+        from dist_reid.bench.gpu import main as suite
     elif args.suite in ("train", "scaling"):
         from dist_reid.bench.train import main as bench_train
 
@@ -391,7 +390,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("bench", help="benchmarks (JSON + markdown table)")
     p.add_argument(
         "suite",
-        choices=("eval", "kernels", "loader", "methods", "train", "scaling", "accuracy"),
+        choices=("eval", "kernels", "loader", "methods", "train", "scaling", "accuracy", "gpu"),
     )
     p.add_argument(
         "rest",

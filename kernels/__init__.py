@@ -7,7 +7,8 @@ dispatcher (architecture decision 6):
   gallery top-k for evaluation);
 * :mod:`.triplet`: :func:`triplet_mining_loss` (batch-hard and AGW's weighted regularisation);
 * :mod:`.center`: :func:`center_losses` (hetero-center triplet, cross-modal center pull,
-  learnable centers) and :func:`segment_mean`;
+  learnable centers; without host syncs for a :class:`BatchLayout` batch) and
+  :func:`segment_mean`;
 * :mod:`.dispatch`: ``backend="auto" | "triton" | "torch"`` selection.
 
 Every op takes ``backend``: ``"auto"`` runs Triton on CUDA tensors and the torch reference on
@@ -18,9 +19,12 @@ fp32 (bf16/fp16 inputs are upcast after loading); outputs are fp32.
 """
 
 from .center import (
+    BatchLayout,
     CenterLosses,
+    batch_identities,
     center_losses,
     center_losses_reference,
+    check_layout,
     learnable_center_loss_reference,
     segment_mean,
     segment_mean_reference,
@@ -34,9 +38,12 @@ __all__ = [
     "HAS_TRITON",
     "INTERPRET",
     "WRT_FORMS",
+    "BatchLayout",
     "CenterLosses",
+    "batch_identities",
     "center_losses",
     "center_losses_reference",
+    "check_layout",
     "learnable_center_loss_reference",
     "pairwise_distance",
     "pairwise_distance_reference",

@@ -30,10 +30,12 @@ learnable-center term is one row-wise kernel for the loss and its x-gradient; it
 gradient reuses the segmented reduction over the rows sorted by identity. The triplet over the
 (few) centers calls the triplet kernel; the pull works on P2 x D tensors in torch.
 
-Cost: shapes depend on the identities present, so the op syncs with the host three times
-(``torch.unique`` and two small ``nonzero``); the kernels themselves are O(N D). On an H200 it
-timed at parity with eager torch (about 3-4.5 ms fwd+bwd, host-bound) with 2.3x less peak
-memory; removing the syncs needs the number of identities from the caller (a future option).
+Cost: with arbitrary labels, shapes depend on the identities present, so the op syncs with the
+host (``torch.unique``, two small ``nonzero`` and the input checks); the kernels themselves are
+O(N D). On an H200 that path timed at parity with eager torch (about 3-4.5 ms fwd+bwd,
+host-bound) with 2.3x less peak memory. The sampler's batches have a fixed layout (P identities
+x K visible + K infrared, see :class:`BatchLayout`): given it, every index is arange arithmetic
+on the device, every segment is known to be full, and the op runs without a host sync.
 """
 
 from __future__ import annotations
@@ -148,14 +150,137 @@ class CenterLosses(NamedTuple):
     center_modalities: torch.Tensor
 
 
+class BatchLayout(NamedTuple):
+    """The sampler's local batch (``ModalityBalancedSampler``, ``IdentityModalitySampler``):
+    ``identities`` (P) distinct identities x ``instances`` (K) rows of one modality, then the same
+    identities in the same order x K rows of the other modality; an identity's K rows are
+    contiguous in each half. ``infrared_first``: the infrared half comes first (MIP's sampler).
+    """
+
+    identities: int
+    instances: int
+    infrared_first: bool = False
+
+    @property
+    def rows(self) -> int:
+        return 2 * self.identities * self.instances
+
+
+class _LayoutSegments(NamedTuple):
+    """Index tensors of a :class:`BatchLayout` batch with identities in ascending order.
+
+    ``uniq`` (P,) sorted identities, ``order`` (P,) the slot of each; ``seg`` (N,) segment of each row, ``2 * rank(identity) +
+    modality``; ``perm``/``offsets``: the rows of each of the 2P segments (CSR, K each);
+    ``id_perm``/``id_offsets``: the rows of each identity (2K each, for the table gradient).
+    """
+
+    uniq: torch.Tensor
+    order: torch.Tensor
+    seg: torch.Tensor
+    perm: torch.Tensor
+    offsets: torch.Tensor
+    counts: torch.Tensor
+    id_perm: torch.Tensor
+    id_offsets: torch.Tensor
+    id_counts: torch.Tensor
+
+
+def _layout_ranks(
+    labels: torch.Tensor, layout: BatchLayout
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(sorted identities, slot of each, rank of each slot's identity): one sort of P labels."""
+    p, k = layout.identities, layout.instances
+    if labels.shape != (layout.rows,):
+        raise ValueError(
+            f"layout {tuple(layout)} has {layout.rows} rows, labels {tuple(labels.shape)}"
+        )
+    uniq, order = torch.sort(labels[: p * k : k], stable=True)  # both halves share slot order
+    rank = torch.empty_like(order).scatter_(0, order, torch.arange(p, device=labels.device))
+    return uniq, order, rank
+
+
+def _layout_segments(labels: torch.Tensor, layout: BatchLayout) -> _LayoutSegments:
+    """Arange arithmetic and one sort of P labels, all on the device: no host sync."""
+    p, k, first = layout.identities, layout.instances, int(layout.infrared_first)
+    dev = labels.device
+    uniq, order, rank = _layout_ranks(labels, layout)
+    rows = torch.arange(2 * p * k, device=dev)
+    half = rows // (p * k)
+    seg = 2 * rank[(rows % (p * k)) // k] + (half ^ first)
+    s = torch.arange(2 * p, device=dev)
+    slot, modality = order[s // 2], s % 2
+    starts = (modality ^ first) * (p * k) + slot * k
+    within = torch.arange(k, device=dev)
+    perm = (starts[:, None] + within[None, :]).reshape(-1).to(torch.int32)
+    offsets = (torch.arange(2 * p + 1, device=dev) * k).to(torch.int32)
+    counts = torch.full((2 * p,), k, dtype=torch.long, device=dev)
+    id_perm = perm.view(p, 2 * k).reshape(-1)  # an identity's two segments are adjacent
+    id_offsets = (torch.arange(p + 1, device=dev) * 2 * k).to(torch.int32)
+    id_counts = torch.full((p,), 2 * k, dtype=torch.long, device=dev)
+    return _LayoutSegments(uniq, order, seg, perm, offsets, counts, id_perm, id_offsets, id_counts)
+
+
+def batch_identities(
+    labels: torch.Tensor, layout: BatchLayout | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(sorted distinct identities, each row's index into them): ``torch.unique(labels,
+    return_inverse=True)``, which syncs with the host; for a :class:`BatchLayout` batch the
+    same two tensors from the layout, without a sync."""
+    if layout is None:
+        return torch.unique(labels, return_inverse=True)
+    uniq, _, rank = _layout_ranks(labels, layout)
+    slot = (
+        torch.arange(layout.rows, device=labels.device) % (layout.rows // 2)
+    ) // layout.instances
+    return uniq, rank[slot]
+
+
+def check_layout(labels: torch.Tensor, modalities: torch.Tensor, layout: BatchLayout) -> None:
+    """Raise ``ValueError`` unless the batch has ``layout`` (distinct identities, each with K
+    rows per modality in the layout's places). It reads the values, so it syncs with the host:
+    call it once (e.g. on the first batch), not every step."""
+    p, k = layout.identities, layout.instances
+    if p < 1 or k < 1:
+        raise ValueError(f"layout needs identities and instances >= 1, got {tuple(layout)}")
+    if labels.shape != (layout.rows,) or modalities.shape != (layout.rows,):
+        raise ValueError(
+            f"layout {p} identities x 2 x {k} instances has {layout.rows} rows, got labels "
+            f"{tuple(labels.shape)} and modalities {tuple(modalities.shape)}"
+        )
+    lab = labels.view(2, p, k)
+    mods = modalities.long().view(2, p, k)
+    first = int(layout.infrared_first)
+    if not (bool((mods[0] == first).all()) and bool((mods[1] == 1 - first).all())):
+        raise ValueError(
+            f"modalities do not follow the layout (the {'infrared' if first else 'visible'} "
+            "half first, then the other)"
+        )
+    if not bool((lab == lab[0, :, :1]).all()):
+        raise ValueError(
+            "labels do not follow the layout (each identity's K rows contiguous, the same "
+            "identity order in both halves)"
+        )
+    if torch.unique(lab[0, :, 0]).numel() != p:
+        raise ValueError("labels do not follow the layout (an identity appears in two slots)")
+
+
 # --------------------------------------------------------------------------------------------
 # Segment means
 # --------------------------------------------------------------------------------------------
+def _segment_counts(segment_ids: torch.Tensor, num_segments: int) -> torch.Tensor:
+    """Rows per segment (int64); ids outside ``[0, num_segments)`` are an index error."""
+    counts = torch.zeros(num_segments, dtype=torch.long, device=segment_ids.device)
+    return counts.index_add_(0, segment_ids, torch.ones_like(segment_ids))
+
+
 def _sorted_segments(
     segment_ids: torch.Tensor, num_segments: int
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(perm, offsets, counts): rows sorted by segment (stable), CSR offsets, segment sizes."""
-    counts = torch.bincount(segment_ids, minlength=num_segments)
+    """(perm, offsets, counts): rows sorted by segment (stable), CSR offsets, segment sizes.
+
+    Counts by ``index_add`` into ``num_segments`` slots, not ``bincount`` (which reads the
+    maximum on the host); nothing here syncs."""
+    counts = _segment_counts(segment_ids, num_segments)
     perm = torch.argsort(segment_ids, stable=True).to(torch.int32)
     offsets = torch.zeros(num_segments + 1, dtype=torch.int32, device=segment_ids.device)
     offsets[1:] = torch.cumsum(counts, 0)
@@ -217,7 +342,7 @@ def segment_mean_reference(
     xf = _upcast(x)
     sums = torch.zeros((num_segments, x.shape[1]), dtype=xf.dtype, device=x.device)
     sums = sums.index_add(0, segment_ids, xf)
-    counts = torch.bincount(segment_ids, minlength=num_segments).clamp_min(1).to(xf.dtype)
+    counts = _segment_counts(segment_ids, num_segments).clamp_min(1).to(xf.dtype)
     return sums / counts[:, None]
 
 
@@ -246,7 +371,16 @@ def segment_mean(
 # --------------------------------------------------------------------------------------------
 class _LearnableCenterLoss(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x: torch.Tensor, table: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    def forward(
+        ctx,
+        x: torch.Tensor,
+        table: torch.Tensor,
+        labels: torch.Tensor,
+        id_segments: tuple[torch.Tensor, ...] | None = None,
+    ) -> torch.Tensor:
+        """``id_segments``: (identities, perm, offsets, counts) of the rows per identity when
+        the caller knows them (a :class:`BatchLayout`); else the backward finds them."""
+        ctx.id_segments = id_segments
         n, d = x.shape
         per_row = new_buffer((n,), x.device)
         b = blocks_for(x.device)
@@ -298,13 +432,16 @@ class _LearnableCenterLoss(torch.autograd.Function):
             dx = dx.to(x.dtype)
         if ctx.needs_input_grad[1]:
             # dC_k = -(g/N) (sum_{y_i = k} x_i - n_k C_k): segmented sum over rows sorted by id.
-            uniq, inv = torch.unique(labels, return_inverse=True)
-            perm, offsets, counts = _sorted_segments(inv, uniq.shape[0])
+            if ctx.id_segments is not None:
+                uniq, perm, offsets, counts = ctx.id_segments
+            else:
+                uniq, inv = torch.unique(labels, return_inverse=True)
+                perm, offsets, counts = _sorted_segments(inv, uniq.shape[0])
             sums = _launch_segment_sum(x, perm, offsets, uniq.shape[0], mean=False)
             rows = -gs * (sums - counts.float()[:, None] * table[uniq].float())
             dtable = torch.zeros(table.shape, dtype=torch.float32, device=table.device)
             dtable = dtable.index_copy(0, uniq, rows).to(table.dtype)
-        return dx, dtable, None
+        return dx, dtable, None, None
 
 
 def learnable_center_loss_reference(
@@ -320,8 +457,14 @@ def learnable_center_loss_reference(
 # The three terms
 # --------------------------------------------------------------------------------------------
 def _check_inputs(
-    x: torch.Tensor, labels: torch.Tensor, modalities: torch.Tensor, table: torch.Tensor | None
+    x: torch.Tensor,
+    labels: torch.Tensor,
+    modalities: torch.Tensor,
+    table: torch.Tensor | None,
+    values: bool = True,
 ) -> None:
+    """Shapes and dtypes always; ``values`` (modalities in {0, 1}, labels inside the table)
+    reads the tensors, a host sync, so the layout path leaves it to :func:`check_layout`."""
     if x.dim() != 2 or not x.is_floating_point():
         raise ValueError(f"x must be a 2-D float tensor, got {tuple(x.shape)} {x.dtype}")
     n = x.shape[0]
@@ -330,14 +473,14 @@ def _check_inputs(
             raise ValueError(
                 f"{name} must be an integer tensor of shape ({n},), got {tuple(t.shape)} {t.dtype}"
             )
-    if n and bool(((modalities != 0) & (modalities != 1)).any()):
+    if values and n and bool(((modalities != 0) & (modalities != 1)).any()):
         raise ValueError("modalities must be 0 (visible) or 1 (infrared)")
     if table is not None:
         if table.dim() != 2 or table.shape[1] != x.shape[1]:
             raise ValueError(
                 f"center_table must be (num_classes, {x.shape[1]}), got {tuple(table.shape)}"
             )
-        if n and bool((labels.min() < 0) | (labels.max() >= table.shape[0])):
+        if values and n and bool((labels.min() < 0) | (labels.max() >= table.shape[0])):
             raise ValueError(f"labels must index center_table rows [0, {table.shape[0]})")
 
 
@@ -355,13 +498,24 @@ def _center_terms(
     counts: torch.Tensor,
     margin: float | None,
     backend: str,
+    complete: bool = False,
 ):
     """Hetero-center triplet and cross-modal pull from the (2P, D) centers; shared by backends.
 
-    Two host syncs (the sizes of the present centers and of the identities with both
-    modalities); everything else stays on the device.
+    With arbitrary labels, two host syncs (the sizes of the present centers and of the
+    identities with both modalities). ``complete``: every identity has both centers (a
+    :class:`BatchLayout` batch), so neither size depends on the data and nothing syncs.
     """
     p = uniq.shape[0]
+    if complete:
+        c_labels = uniq[:, None].expand(p, 2).reshape(-1)
+        c_mods = torch.arange(2 * p, device=centers_all.device) % 2
+        hetero = triplet_mining_loss(
+            centers_all, c_labels, margin=margin, mode="hard", backend=backend
+        )
+        diff = centers_all[0::2] - centers_all[1::2]
+        cross = (diff * diff).sum(dim=1).clamp_min(EPS).sqrt().mean()
+        return hetero, cross, centers_all, c_labels, c_mods
     present_idx = torch.nonzero(counts > 0).squeeze(1)
     centers = centers_all.index_select(0, present_idx)
     c_labels = uniq.index_select(0, present_idx // 2)
@@ -416,6 +570,7 @@ def center_losses(
     cross_weight: float = 1.0,
     center_weight: float = 1.0,
     backend: str = "auto",
+    layout: BatchLayout | None = None,
 ) -> CenterLosses:
     """Hetero-center triplet, cross-modal center pull and learnable-center loss of one batch.
 
@@ -429,11 +584,20 @@ def center_losses(
     * ``center = (1/N) sum_i |x_i - C_{y_i}|^2 / 2``
     * ``total = hetero_weight * hetero_triplet + cross_weight * cross_modal + center_weight * center``
 
+    ``layout``: the batch is a :class:`BatchLayout` (the sampler's); the same values, computed
+    without host syncs (values are not checked: call :func:`check_layout` once). ``None``:
+    arbitrary labels.
+
     Differentiable in ``x`` and ``center_table``. Returns a :class:`CenterLosses`.
     """
-    _check_inputs(x, labels, modalities, center_table)
+    _check_inputs(x, labels, modalities, center_table, values=layout is None)
     tensors = (x, labels, modalities) + (() if center_table is None else (center_table,))
     be = resolve_backend(backend, *tensors)
+    weights = (hetero_weight, cross_weight, center_weight)
+    if layout is not None:
+        if x.shape[0] != layout.rows:
+            raise ValueError(f"layout {tuple(layout)} has {layout.rows} rows, x has {x.shape[0]}")
+        return _center_losses_layout(x, labels, center_table, layout, margin, weights, be)
     if be == "torch":
         return center_losses_reference(
             x,
@@ -457,10 +621,46 @@ def center_losses(
     return CenterLosses(total, hetero, cross, center, centers, c_labels, c_mods)
 
 
+def _center_losses_layout(
+    x: torch.Tensor,
+    labels: torch.Tensor,
+    table: torch.Tensor | None,
+    layout: BatchLayout,
+    margin: float | None,
+    weights: tuple[float, float, float],
+    backend: str,
+) -> CenterLosses:
+    """:func:`center_losses` of a :class:`BatchLayout` batch: static shapes, no host sync."""
+    segs = _layout_segments(labels, layout)
+    p, k = layout.identities, layout.instances
+    if backend == "torch":
+        halves = _upcast(x).view(2, p, k, x.shape[1]).mean(dim=2)  # (half, slot, D)
+        if layout.infrared_first:
+            halves = halves.flip(0)  # (modality, slot, D)
+        centers_all = halves.transpose(0, 1).index_select(0, segs.order).reshape(2 * p, -1)
+    else:
+        centers_all = _SegmentMean.apply(x, segs.seg, segs.perm, segs.offsets, segs.counts)
+    hetero, cross, centers, c_labels, c_mods = _center_terms(
+        centers_all, segs.uniq, segs.counts, margin, backend, complete=True
+    )
+    if table is None:
+        center = torch.zeros((), dtype=centers_all.dtype, device=x.device)
+    elif backend == "torch":
+        center = learnable_center_loss_reference(x, table, labels)
+    else:
+        id_segments = (segs.uniq, segs.id_perm, segs.id_offsets, segs.id_counts)
+        center = _LearnableCenterLoss.apply(x, table, labels.contiguous(), id_segments)
+    total = weights[0] * hetero + weights[1] * cross + weights[2] * center
+    return CenterLosses(total, hetero, cross, center, centers, c_labels, c_mods)
+
+
 __all__ = [
+    "BatchLayout",
     "CenterLosses",
+    "batch_identities",
     "center_losses",
     "center_losses_reference",
+    "check_layout",
     "learnable_center_loss_reference",
     "segment_mean",
     "segment_mean_reference",

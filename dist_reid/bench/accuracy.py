@@ -72,12 +72,13 @@ def train_and_score(
 
     from dist_reid.builders import ensure_synthetic
     from dist_reid.config import load_config
+    from dist_reid.engine.cpu_threads import threads_per_process
     from dist_reid.engine.evaluate import run_evaluation
 
     cfg = load_config(config, overrides)
     start = time.perf_counter()
     ensure_synthetic(cfg)  # once, before the ranks start: they share the tree
-    threads = max(1, (os.cpu_count() or 1) // processes)
+    threads = threads_per_process({**os.environ, "LOCAL_WORLD_SIZE": str(processes)})
     env = {
         **os.environ,
         "OMP_NUM_THREADS": str(threads),

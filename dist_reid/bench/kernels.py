@@ -1,7 +1,9 @@
 """``dist-reid bench kernels``: the reid_kernels ops against eager torch, torch.compile and cdist.
 
 For each loss (pairwise distance, batch-hard triplet, weighted triplet in its exact form and in
-the released code's (``triplet_weighted_official``: ``wrt_form="official"``), center losses) and
+the released code's (``triplet_weighted_official``: ``wrt_form="official"``), center losses,
+and center losses given the sampler's batch layout (``center_layout``: the Triton provider runs
+the path without host syncs, the torch and compile providers the general reference) and
 each batch size x feature width, one forward + backward is timed (median of repeats after warm-up;
 CUDA events on a GPU) with its peak extra memory (``torch.cuda.max_memory_allocated`` above what
 was allocated before the call; ``None`` on CPU). Providers:
@@ -15,7 +17,8 @@ The streaming top-k (``topk_distances``) is timed against the full distance matr
 ``torch.topk``, for 4k x 10k and (GPU only) 20k x 50k. Its rows also give the bytes of features
 read per second and the distance TFLOP/s, to set against the card's bandwidth and matrix peaks.
 
-Batches follow the sampler layout: identities of 4 visible + 4 infrared images, contiguous.
+Batches follow the sampler layout: n/8 identities x 4 visible images, then the same identities
+x 4 infrared images, an identity's rows contiguous in each half.
 """
 
 from __future__ import annotations
@@ -36,12 +39,14 @@ LOSS_OPS = (
     "triplet_weighted",
     "triplet_weighted_official",
     "center",
+    "center_layout",
 )
 DEFAULT_SIZES = (64, 128, 256, 512, 1024)
 DEFAULT_WIDTHS = (512, 768, 2048)
 QUICK_SIZES = (64, 256, 1024)
 QUICK_WIDTHS = (512, 2048)
 IMAGES_PER_ID = 8  # 4 visible + 4 infrared per identity (architecture decision 4)
+INSTANCES = IMAGES_PER_ID // 2
 
 
 def _kernels():
@@ -91,8 +96,10 @@ def peak_extra_mib(fn: Callable[[], Any], device: torch.device) -> float | None:
 def _batch(n: int, d: int, dtype: torch.dtype, device: torch.device, seed: int = 0):
     gen = torch.Generator(device="cpu").manual_seed(seed)
     x = torch.randn(n, d, generator=gen).to(device=device, dtype=dtype)
-    ids = torch.arange(n) // IMAGES_PER_ID
-    modalities = (torch.arange(n) % IMAGES_PER_ID >= IMAGES_PER_ID // 2).long()
+    # the sampler's layout: all visible rows, then the same identities' infrared rows
+    rows = torch.arange(n)
+    ids = (rows % max(n // 2, 1)) // INSTANCES
+    modalities = (rows >= n // 2).long()
     table = torch.randn(int(ids.max()) + 1, d, generator=gen).to(device)
     return x, ids.to(device), modalities.to(device), table
 
@@ -114,6 +121,16 @@ def _op_fn(op: str, provider: str) -> Callable[..., torch.Tensor]:
         )
     if op == "center":
         return lambda x, lab, mod, tab: rk.center_losses(x, lab, mod, tab, backend=backend).total
+    if op == "center_layout":
+        # the kernels given the sampler's layout (no host sync) against the general reference
+        if provider != "triton":
+            return _op_fn("center", provider)
+
+        def with_layout(x, lab, mod, tab):
+            layout = rk.BatchLayout(x.shape[0] // IMAGES_PER_ID, INSTANCES)
+            return rk.center_losses(x, lab, mod, tab, backend=backend, layout=layout).total
+
+        return with_layout
     raise ValueError(f"unknown op {op!r}")
 
 

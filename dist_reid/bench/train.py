@@ -23,6 +23,7 @@ from typing import Any
 import torch
 
 from dist_reid.bench.common import machine_info, markdown_table, write_report
+from dist_reid.engine.cpu_threads import threads_per_process
 
 DEFAULT_CONFIG = "configs/experiments/demo_sysu_agw.yaml"
 MODES = {
@@ -164,7 +165,8 @@ def run_scaling_benchmark(
     for procs in range(1, max_procs + 1):
         with tempfile.TemporaryDirectory() as tmp:
             out = Path(tmp) / "result.json"
-            env = {**os.environ, "OMP_NUM_THREADS": str(max(1, (os.cpu_count() or 1) // procs))}
+            share = threads_per_process({**os.environ, "LOCAL_WORLD_SIZE": str(procs)})
+            env = {**os.environ, "OMP_NUM_THREADS": str(share)}
             command = [
                 sys.executable,
                 "-m",

@@ -13,7 +13,8 @@ from omegaconf import OmegaConf
 # * train.log_every, train.eval_every, train.checkpoint_every_steps, train.tensorboard: the
 #   logging, evaluation and checkpoint cadence.
 # * train.max_steps: a cap on this invocation's steps, raised to continue a capped run.
-# * train.dist_timeout_s: how long to wait for a peer.
+# * train.dist_timeout_s, train.dist_init_timeout_s, train.preempt_grace_s: how long to wait
+#   for a peer or for the preemption checkpoint.
 # * eval.*: what an evaluation reports, never what is trained.
 RESUME_NEUTRAL_KEYS = (
     "run.name",
@@ -26,6 +27,8 @@ RESUME_NEUTRAL_KEYS = (
     "train.tensorboard",
     "train.max_steps",
     "train.dist_timeout_s",
+    "train.dist_init_timeout_s",
+    "train.preempt_grace_s",
 )
 RESUME_NEUTRAL_PREFIXES = ("eval.",)
 # Free-form mappings: a key present on one side only is a change (in the schema's own sections a

@@ -253,9 +253,33 @@ class TrainConfig:
     tensorboard: bool = True
     deepspeed_config: str | None = None  # DeepSpeed JSON (configs/deepspeed/) for backend deepspeed
     sync_bn: bool = False  # BatchNorm -> SyncBatchNorm (CUDA only)
+    # A hung peer blocks every other rank inside a collective until this timeout (torch's own
+    # default is 30 min); set-up gets a longer one: nodes start at different times and rank 0
+    # may build the dataset first while the others wait.
+    dist_timeout_s: float = 300.0
+    dist_init_timeout_s: float = 1200.0  # set-up: group, dataset, first step, resume
+    # After SIGUSR1/SIGTERM: exit (non-zero, no checkpoint) if the step-boundary checkpoint is
+    # not written within this many seconds (a peer hung in a collective), rather than hang.
+    preempt_grace_s: float = 60.0
 
     def __post_init__(self) -> None:
         _require(self.epochs >= 0, "train.epochs", f"must be >= 0, got {self.epochs}")
+        _require(
+            1 <= self.dist_timeout_s <= 86400,
+            "train.dist_timeout_s",
+            f"must be in [1, 86400] seconds, got {self.dist_timeout_s}",
+        )
+        _require(
+            self.dist_timeout_s <= self.dist_init_timeout_s <= 86400,
+            "train.dist_init_timeout_s",
+            f"must be in [train.dist_timeout_s={self.dist_timeout_s}, 86400] seconds, "
+            f"got {self.dist_init_timeout_s}",
+        )
+        _require(
+            1 <= self.preempt_grace_s <= 3600,
+            "train.preempt_grace_s",
+            f"must be in [1, 3600] seconds, got {self.preempt_grace_s}",
+        )
         _require(
             self.backend in ("accelerate", "deepspeed"),
             "train.backend",

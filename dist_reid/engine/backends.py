@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import abc
 import contextlib
+import datetime
 import importlib
 import os
 from collections.abc import Iterator
@@ -17,11 +18,48 @@ import torch
 from torch import nn
 
 
+def set_group_timeout(seconds: float) -> None:
+    """Timeout of every later collective on the default process group (gloo and NCCL).
+
+    torch >= 2.8 has ``torch.distributed.set_timeout``; older releases the private
+    ``_set_pg_timeout`` it replaced (same effect)."""
+    timeout = datetime.timedelta(seconds=seconds)
+    setter = getattr(torch.distributed, "set_timeout", None)
+    if setter is None:
+        from torch.distributed.distributed_c10d import _set_pg_timeout as setter
+    setter(timeout)
+
+
 class TrainingBackend(abc.ABC):
     name: str
     rank: int
     world_size: int
     device: torch.device
+    # Collective timeouts in seconds (None = torch's default, 30 min for gloo): set-up (group,
+    # dataset, first step) gets the longer one, every later collective the shorter one.
+    timeout_s: float | None = None
+    init_timeout_s: float | None = None
+    _in_setup: bool = True
+
+    def set_timeout(self, seconds: float | None) -> None:
+        if seconds is not None and self.world_size > 1 and torch.distributed.is_initialized():
+            set_group_timeout(seconds)
+
+    def end_setup(self) -> None:
+        """From now on collectives use ``timeout_s``: a hung peer ends the run after it."""
+        if self._in_setup:
+            self._in_setup = False
+            self.set_timeout(self.timeout_s)
+
+    @contextlib.contextmanager
+    def waiting_on_rank_zero(self) -> Iterator[None]:
+        """Collectives inside use the set-up timeout: the other ranks wait while rank 0 alone
+        works (scores an evaluation), which may take longer than a step."""
+        self.set_timeout(self.init_timeout_s)
+        try:
+            yield
+        finally:
+            self.set_timeout(self.init_timeout_s if self._in_setup else self.timeout_s)
 
     @property
     def is_main(self) -> bool:
@@ -85,14 +123,27 @@ class AccelerateBackend(TrainingBackend):
 
     name = "accelerate"
 
-    def __init__(self, mixed_precision: str = "no", grad_accum: int = 1) -> None:
+    def __init__(
+        self,
+        mixed_precision: str = "no",
+        grad_accum: int = 1,
+        timeout_s: float | None = None,
+        init_timeout_s: float | None = None,
+    ) -> None:
         from accelerate import Accelerator
+        from accelerate.utils import InitProcessGroupKwargs
 
+        handlers = []
+        if init_timeout_s is not None:
+            handlers.append(
+                InitProcessGroupKwargs(timeout=datetime.timedelta(seconds=init_timeout_s))
+            )
         self.accelerator = Accelerator(
             cpu=not torch.cuda.is_available(),
             mixed_precision=mixed_precision,
             gradient_accumulation_steps=grad_accum,
             step_scheduler_with_optimizer=False,
+            kwargs_handlers=handlers,
         )
         expected = int(os.environ.get("WORLD_SIZE", "1"))
         if self.accelerator.num_processes != expected:
@@ -103,6 +154,8 @@ class AccelerateBackend(TrainingBackend):
         self.rank = self.accelerator.process_index
         self.world_size = self.accelerator.num_processes
         self.device = self.accelerator.device
+        self.timeout_s, self.init_timeout_s = timeout_s, init_timeout_s
+        self.set_timeout(init_timeout_s)  # also when the group existed already (not ours)
 
     def prepare(self, model, optimizer):
         return self.accelerator.prepare(model, optimizer)
@@ -168,6 +221,30 @@ def create_backend(name: str, **kwargs: Any) -> TrainingBackend:
         kwargs.pop("grad_clip", None)
         return AccelerateBackend(**kwargs)
     raise ValueError(f"train.backend: unknown backend {name!r}")
+
+
+def peer_failure(exc: BaseException, backend: TrainingBackend) -> str | None:
+    """One line for a collective that timed out or lost a peer, or None for any other error.
+
+    gloo raises a plain RuntimeError whose message carries gloo's source path ("Timed out
+    waiting 10000ms for recv operation", "Connection closed by peer"); NCCL and the store raise
+    ``torch.distributed.DistError`` subclasses."""
+    text = str(exc)
+    dist_error = getattr(torch.distributed, "DistError", ())
+    if not (isinstance(exc, dist_error) or "/gloo/" in text):
+        return None
+    detail = text.split("] ", 1)[-1].splitlines()[0].strip() if text else type(exc).__name__
+    if "timed out" in text.lower() or "timeout" in text.lower():
+        key, seconds = (
+            ("train.dist_init_timeout_s", backend.init_timeout_s)
+            if backend._in_setup
+            else ("train.dist_timeout_s", backend.timeout_s)
+        )
+        limit = f"{key}={seconds:g} s" if seconds is not None else "the collective timeout"
+        what = f"a collective timed out after {limit}: a peer rank is hung, stopped or dead"
+    else:
+        what = "a peer rank left the process group (crashed, killed or unreachable)"
+    return f"rank {backend.rank}: {what} ({detail})"
 
 
 @contextlib.contextmanager

@@ -25,6 +25,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import dataclasses
+import datetime
 import enum
 import importlib
 import json
@@ -293,6 +294,8 @@ class DeepSpeedBackend(TrainingBackend):
         grad_accum: int = 1,
         grad_clip: float | None = None,
         micro_batch: int = 1,
+        timeout_s: float | None = None,
+        init_timeout_s: float | None = None,
     ) -> None:
         if config is None:
             raise ValueError("train.deepspeed_config: required when train.backend is 'deepspeed'")
@@ -317,7 +320,8 @@ class DeepSpeedBackend(TrainingBackend):
                 importlib.import_module("deepspeed.comm.torch").build_shm_op = lambda: None
         import deepspeed
 
-        deepspeed.init_distributed(dist_backend=None, auto_mpi_discovery=False)
+        timeout = {"timeout": datetime.timedelta(seconds=init_timeout_s)} if init_timeout_s else {}
+        deepspeed.init_distributed(dist_backend=None, auto_mpi_discovery=False, **timeout)
         self.rank = torch.distributed.get_rank()
         self.world_size = torch.distributed.get_world_size()
         expected = int(os.environ["WORLD_SIZE"])
@@ -325,6 +329,8 @@ class DeepSpeedBackend(TrainingBackend):
             raise RuntimeError(
                 f"deepspeed group has {self.world_size} ranks but WORLD_SIZE={expected}"
             )
+        self.timeout_s, self.init_timeout_s = timeout_s, init_timeout_s
+        self.set_timeout(init_timeout_s)  # also when the group existed already (not ours)
         if torch.cuda.is_available():
             local = int(os.environ.get("LOCAL_RANK", "0"))
             torch.cuda.set_device(local)

@@ -10,19 +10,19 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
-import torch
 from rich.console import Console
 from rich.progress import Progress
 from rich.table import Table
 
-from dist_reid.builders import build_dataset, build_model
+from dist_reid.builders import build_dataset, build_model, evaluation_plan
 from dist_reid.config import ExperimentConfig, save_config
 from dist_reid.data.datasets import VIReIDDataset
 from dist_reid.data.records import Record
-from dist_reid.data.transforms import build_test_transform
+from dist_reid.engine.cpu_threads import configure_threads
 from dist_reid.evaluation.features import FeatureCache, extract_features
 from dist_reid.evaluation.protocols import (
     METRIC_NAMES,
+    EvaluationPlan,
     FeatureFn,
     ProtocolReport,
     cosine_distance,
@@ -34,27 +34,18 @@ from dist_reid.models.backbones import load_model_weights
 log = logging.getLogger(__name__)
 
 
-def all_test_records(
-    dataset: VIReIDDataset, settings: Sequence[str], trials: Sequence[int], **options: bool
-) -> list[Record]:
-    """Every image any (setting, trial) of the protocol may use, without duplicates."""
-    seen: dict[str, Record] = {}
-    for setting in settings:
-        for trial in trials:
-            query, gallery = dataset.split(setting, trial, **options)
-            for record in (*query, *gallery):
-                seen.setdefault(record.path, record)
-    return list(seen.values())
-
-
 def model_features(
-    cfg: ExperimentConfig, checkpoint: str | None, console: Console, num_classes: int
+    cfg: ExperimentConfig,
+    plan: EvaluationPlan,
+    checkpoint: str | None,
+    console: Console,
+    num_classes: int,
 ) -> FeatureCache:
     model = build_model(cfg, num_classes, pretrained=False)  # checkpoint or untrained
     if checkpoint is not None:
         load_model_weights(model, checkpoint)
-    transform = build_test_transform(cfg.data.height, cfg.data.width, cfg.data.mean, cfg.data.std)
-    torch.set_num_threads(max(1, os.cpu_count() or 1))
+    transform = plan.transform()
+    configure_threads()  # one process: every usable core (or OMP_NUM_THREADS)
 
     def compute(records: Sequence[Record]) -> np.ndarray:
         with Progress(console=console, transient=True) as progress:
@@ -63,9 +54,9 @@ def model_features(
                 model,
                 records,
                 transform,
-                batch_size=cfg.eval.batch_size,
+                batch_size=plan.batch_size,
                 num_workers=cfg.data.num_workers,
-                flip=cfg.eval.flip,
+                flip=plan.flip,
                 progress=lambda n: progress.advance(task, n),
             )
 
@@ -176,44 +167,38 @@ def run_evaluation(
     console.print(
         f"[bold]{dataset.name}[/] at {dataset.root}: {len(dataset.train)} training images"
     )
+    # One model of a per-trial dataset (RegDB) is scored on its own trial only; per-trial
+    # sources ('{trial}' in the path) and an untrained model on every trial.
+    every_trial = untrained or "{trial}" in str(checkpoint or features)
+    plan = evaluation_plan(cfg, dataset, every_trial=every_trial)
     if untrained:
         console.print(
             f"[yellow]untrained {cfg.model.backbone} (random init): a sanity floor, not a result[/]"
         )
-        feature_fn = model_features(cfg, None, console, dataset.num_train_ids)
+        feature_fn = model_features(cfg, plan, None, console, dataset.num_train_ids)
     else:
         source = str(features if features is not None else checkpoint)
 
         def one(path: str) -> FeatureCache:
             if features is not None:
                 return saved_features(path, dataset)
-            return model_features(cfg, path, console, dataset.num_train_ids)
+            return model_features(cfg, plan, path, console, dataset.num_train_ids)
 
         feature_fn = per_trial(source, one)
-    trials = cfg.eval.trials
-    if (
-        not trials
-        and dataset.name == "regdb"
-        and not untrained
-        and "{trial}" not in str(checkpoint or features)
-    ):
-        # One RegDB model belongs to one split; scoring it on other splits' test lists leaks
-        # training identities (protocols.md pitfall 1).
-        trials = (cfg.data.trial,)
+    if plan.trials != evaluation_plan(cfg, dataset, every_trial=True).trials:
         console.print(
-            f"[yellow]regdb: one model, so only its own trial {cfg.data.trial} is evaluated; "
-            "name per-trial models with '{trial}' in the path for all ten[/]"
+            f"[yellow]{dataset.name}: one model, so only its own trial(s) {list(plan.trials)} "
+            "are evaluated; name per-trial models with '{trial}' in the path for all[/]"
         )
-    options = {"multi_shot": cfg.eval.multi_shot, "transposed_v2i": cfg.eval.llcm_transposed_v2i}
     report = run_protocol(
         dataset,
         feature_fn,
-        settings=cfg.eval.settings,
-        trials=trials,
-        max_rank=cfg.eval.max_rank,
+        settings=plan.settings,
+        trials=plan.trials,
+        max_rank=plan.max_rank,
         chance_draws=cfg.eval.chance_draws,
         seed=cfg.run.seed,
-        **options,
+        **plan.split_options,
     )
     render_table(report, console)
     payload = report.to_dict()
@@ -222,12 +207,12 @@ def run_evaluation(
         post = run_protocol(
             dataset,
             feature_fn,
-            settings=cfg.eval.settings,
-            trials=trials,
-            max_rank=cfg.eval.max_rank,
+            settings=plan.settings,
+            trials=plan.trials,
+            max_rank=plan.max_rank,
             distance=post_processed_distance(cfg),
             label=post_processing_label(cfg),
-            **options,
+            **plan.split_options,
         )
         render_table(post, console)
         payload["post_processed"] = post.to_dict()  # never mixed into the plain numbers

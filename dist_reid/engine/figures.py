@@ -8,10 +8,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from dist_reid.builders import build_dataset, build_model
+from dist_reid.builders import build_dataset, build_model, evaluation_plan
 from dist_reid.config import ExperimentConfig
 from dist_reid.data.images import load_rgb
-from dist_reid.data.transforms import build_test_transform
 from dist_reid.evaluation.features import extract_features
 from dist_reid.evaluation.protocols import cosine_distance
 from dist_reid.models.backbones import load_model_weights
@@ -40,11 +39,13 @@ def model_figures(
     model = build_model(cfg, dataset.num_train_ids, pretrained=False)  # checkpoint next
     if checkpoint:
         load_model_weights(model, checkpoint)
-    transform = build_test_transform(cfg.data.height, cfg.data.width, cfg.data.mean, cfg.data.std)
-    setting = (cfg.eval.settings or dataset.settings)[0]
-    query, gallery = dataset.split(setting, trial if dataset.name != "regdb" else cfg.data.trial)
-    q = extract_features(model, query, transform, batch_size=cfg.eval.batch_size)
-    g = extract_features(model, gallery, transform, batch_size=cfg.eval.batch_size)
+    plan = evaluation_plan(cfg, dataset)
+    transform = plan.transform()
+    setting = plan.settings[0]
+    trial = trial if trial in plan.trials else plan.trials[0]  # a RegDB model: its own trial
+    query, gallery = dataset.split(setting, trial, **plan.split_options)
+    q = extract_features(model, query, transform, batch_size=plan.batch_size, flip=plan.flip)
+    g = extract_features(model, gallery, transform, batch_size=plan.batch_size, flip=plan.flip)
     dist = cosine_distance(q, g)
     q_ids = np.array([r.pid for r in query])
     g_ids = np.array([r.pid for r in gallery])

@@ -96,6 +96,7 @@ def parse_train_args(argv: Sequence[str]) -> tuple[argparse.Namespace, str | Non
 
 def train_main(argv: Sequence[str] | None = None) -> int:
     from dist_reid.engine.checkpoint import CheckpointError
+    from dist_reid.engine.cpu_threads import configure_threads
     from dist_reid.engine.trainer import Trainer
     from dist_reid.models.pretrained import WeightsUnavailableError
 
@@ -103,6 +104,7 @@ def train_main(argv: Sequence[str] | None = None) -> int:
     if note and rank_zero():
         print(f"train: warning: {note}", file=sys.stderr)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    configure_threads(announce=rank_zero())  # cores / local processes, or OMP_NUM_THREADS
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     cfg = load_config(args.config, args.overrides)
     own = Path(cfg.run.output_dir) / cfg.run.name / "last.pt"

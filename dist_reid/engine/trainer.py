@@ -3,7 +3,6 @@ backend backward/step -> hooks (lr, logging, NaN guard, evaluation, checkpoints)
 
 from __future__ import annotations
 
-import inspect
 import json
 import logging
 import shutil
@@ -14,6 +13,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from reid_kernels import BatchLayout
 from torch import nn
 from tqdm import tqdm
 
@@ -22,7 +22,9 @@ from dist_reid.builders import (
     build_dataset,
     build_loss,
     build_model,
+    check_method,
     check_pretrained,
+    evaluation_plan,
     schedule_options,
 )
 from dist_reid.config import (
@@ -39,8 +41,12 @@ from dist_reid.data.images import ImageDecodeError, header_errors
 from dist_reid.data.pipeline import build_train_pipeline
 from dist_reid.data.records import Record
 from dist_reid.data.sampler import build_sampler, check_ids_per_rank
-from dist_reid.data.transforms import build_test_transform
-from dist_reid.engine.backends import TrainingBackend, create_backend, main_process_first
+from dist_reid.engine.backends import (
+    TrainingBackend,
+    create_backend,
+    main_process_first,
+    peer_failure,
+)
 from dist_reid.engine.checkpoint import (
     CheckpointError,
     load_checkpoint,
@@ -49,13 +55,13 @@ from dist_reid.engine.checkpoint import (
     save_checkpoint,
     set_rng_state,
 )
-from dist_reid.engine.evaluate import all_test_records
 from dist_reid.engine.fused import make_optimizer, maybe_sync_batchnorm
 from dist_reid.engine.preemption import Preempted, PreemptionHandler, inject_fault
 from dist_reid.engine.runlock import RunFolderLocked, acquire_run_lock, release_run_lock
 from dist_reid.engine.schedules import lr_lambdas
 from dist_reid.evaluation.features import FeatureCache, extract_features
 from dist_reid.evaluation.protocols import run_protocol
+from dist_reid.losses.contract import EpochAwareLoss
 
 log = logging.getLogger(__name__)
 SELECTION_METRIC = "mAP"
@@ -84,6 +90,8 @@ class Trainer:
             grad_accum=t.grad_accum,
             deepspeed_config=t.deepspeed_config,
             grad_clip=cfg.optim.grad_clip,
+            timeout_s=t.dist_timeout_s,
+            init_timeout_s=t.dist_init_timeout_s,
         )
         b = self.backend
         try:  # the batch shape needs only the world size: refused before any data is read
@@ -111,6 +119,7 @@ class Trainer:
         if b.is_main:
             remove_stale_temporaries(self.run_dir)  # left by a run killed mid-checkpoint
         self.labels = self.dataset.train_labels()
+        self.plan = evaluation_plan(cfg, self.dataset)  # what every evaluation of the run scores
         records = self.dataset.train
         self.sampler = build_sampler(
             cfg.data.sampler,
@@ -143,6 +152,13 @@ class Trainer:
             ),
         )
         model = build_model(cfg, num_classes=len(self.labels))
+        # Every local batch is P/W identities x (K + K) (the sampler's layout): losses that take
+        # it compute their segment reductions without host syncs.
+        layout = BatchLayout(
+            t.ids_per_batch // b.world_size, t.instances_per_modality, self.sampler.infrared_first
+        )
+        self.loss = build_loss(cfg, batch_layout=layout)
+        check_method(model, self.loss, cfg)  # the contract, once, before anything relies on it
         model = maybe_sync_batchnorm(model, t.sync_bn)
         if t.channels_last:
             model = model.to(memory_format=torch.channels_last)
@@ -159,10 +175,8 @@ class Trainer:
         )
         self.model, self.optimizer = b.prepare(model, optimizer)
         self.forward = torch.compile(self.model) if t.compile else self.model
-        # Batch fields a model may ask for by naming them in forward() (e.g. MIP's cameras).
-        accepted = inspect.signature(self.backend.unwrap(self.model).forward).parameters
-        self.batch_extras = [name for name in ("cams",) if name in accepted]
-        self.loss = build_loss(cfg)
+        # Batch fields the model names in its contract (e.g. MIP's cameras).
+        self.batch_extras = list(self.backend.unwrap(self.model).batch_fields)
         self.epoch = 0
         self.cursor = 0  # optimiser steps done inside the current epoch
         self.global_step = 0
@@ -183,11 +197,7 @@ class Trainer:
         """One optimiser group per model lr group (``model.lr_groups()``: name -> (params,
         multiplier)), multipliers overridable by ``optim.lr_mults``; frozen parameters skipped."""
         cfg, o = self.cfg, self.cfg.optim
-        named = (
-            model.lr_groups()
-            if hasattr(model, "lr_groups")
-            else {"all": (list(model.parameters()), 1.0)}
-        )
+        named = model.lr_groups()  # part of the method contract (check_method)
         unknown = set(o.lr_mults) - set(named)
         if unknown:
             raise ConfigError(
@@ -335,24 +345,10 @@ class Trainer:
             )
 
     # -- evaluation ------------------------------------------------------------------------
-    def _protocol(self) -> tuple[Sequence[str], Sequence[int], dict[str, bool]]:
-        """(settings, trials, split options) the evaluation scores."""
-        cfg = self.cfg
-        settings = cfg.eval.settings or self.dataset.settings
-        trials = cfg.eval.trials or self.dataset.trials
-        if self.dataset.name == "regdb" and not cfg.eval.trials:
-            trials = (cfg.data.trial,)  # a RegDB model is scored on its own split only
-        options = {
-            "multi_shot": cfg.eval.multi_shot,
-            "transposed_v2i": cfg.eval.llcm_transposed_v2i,
-        }
-        return settings, trials, options
-
     def _test_set(self) -> list[Record]:
         """Every test image the evaluation reads, without duplicates (computed once)."""
         if self._test_records is None:
-            settings, trials, options = self._protocol()
-            self._test_records = all_test_records(self.dataset, settings, trials, **options)
+            self._test_records = self.plan.records(self.dataset)
         return self._test_records
 
     def _shard(self, records: list[Record]) -> list[Record]:
@@ -378,8 +374,7 @@ class Trainer:
     def evaluate(self) -> dict[str, Any]:
         """Features of exactly the test set, one contiguous unpadded shard per rank, gathered;
         rank 0 scores the protocol and broadcasts it, so all ranks leave together."""
-        cfg, b = self.cfg, self.backend
-        settings, trials, options = self._protocol()
+        b, plan = self.backend, self.plan
         records = self._test_set()
         shard = self._shard(records)
         b.sync_buffers(self.model)
@@ -390,12 +385,10 @@ class Trainer:
                 feats = extract_features(
                     model,
                     shard,
-                    build_test_transform(
-                        cfg.data.height, cfg.data.width, cfg.data.mean, cfg.data.std
-                    ),
-                    batch_size=cfg.eval.batch_size,
+                    plan.transform(),
+                    batch_size=plan.batch_size,
                     device=b.device,
-                    flip=cfg.eval.flip,
+                    flip=plan.flip,
                 )
         parts = [p for p in b.all_gather_object(feats) if p is not None]
         summary = None
@@ -404,13 +397,14 @@ class Trainer:
             report = run_protocol(
                 self.dataset,
                 cache,
-                settings=settings,
-                trials=trials,
-                max_rank=cfg.eval.max_rank,
-                **options,
+                settings=plan.settings,
+                trials=plan.trials,
+                max_rank=plan.max_rank,
+                **plan.split_options,
             )
             summary = {s.setting: s.mean() for s in report.settings}
-        summary = b.broadcast_object(summary)
+        with b.waiting_on_rank_zero():  # rank 0 alone scores the protocol meanwhile
+            summary = b.broadcast_object(summary)
         self.model.train()
         return summary
 
@@ -437,21 +431,22 @@ class Trainer:
             total = sum(terms.values())
             if not torch.isfinite(total):
                 bad = {k: float(v.detach()) for k, v in terms.items() if not torch.isfinite(v)}
-                last = (
-                    f"the last good checkpoint is {self.last_checkpoint[0]} "
-                    f"(global step {self.last_checkpoint[1]})"
-                    if self.last_checkpoint
-                    else "no checkpoint was written yet"
-                )
                 raise NonFiniteLossError(
                     f"non-finite loss at epoch {self.epoch} step {self.cursor} (global step "
-                    f"{self.global_step + 1}): {bad or {'total': float(total.detach())}}; {last}"
+                    f"{self.global_step + 1}): {bad or {'total': float(total.detach())}}; "
+                    f"{self.describe_last_checkpoint(good=True)}"
                 )
             b.backward(total)  # accelerate scales by 1/grad_accum itself
             if self.cfg.optim.grad_clip:
                 b.clip(self.model, self.cfg.optim.grad_clip)
             b.step(self.optimizer)
         return {k: float(v.detach()) for k, v in terms.items()} | {"total": float(total.detach())}
+
+    def describe_last_checkpoint(self, good: bool = False) -> str:
+        if self.last_checkpoint is None:
+            return "no checkpoint was written yet"
+        path, step = self.last_checkpoint
+        return f"the last {'good ' if good else ''}checkpoint is {path} (global step {step})"
 
     def _record_config(self) -> None:
         """``config.yaml`` = this run's config, written once a resume accepted it; a config
@@ -472,7 +467,18 @@ class Trainer:
     ) -> dict[str, Any]:
         """Train to ``train.epochs`` (or ``train.max_steps``), from ``resume`` if given; a
         resume with a config that changes what is trained is refused unless
-        ``allow_config_change`` (see :meth:`load`)."""
+        ``allow_config_change`` (see :meth:`load`). A collective that times out or loses a peer
+        (hung, stopped or dead rank) ends the run with one line naming the last checkpoint
+        (SystemExit, 1)."""
+        try:
+            return self._fit(resume, allow_config_change)
+        except RuntimeError as exc:
+            line = peer_failure(exc, self.backend)
+            if line is None:
+                raise
+            raise SystemExit(f"{line}; {self.describe_last_checkpoint()}") from None
+
+    def _fit(self, resume: str | Path | None, allow_config_change: bool) -> dict[str, Any]:
         b, t = self.backend, self.cfg.train
         if resume is not None:
             self.load(resume, allow_config_change=allow_config_change)
@@ -482,7 +488,10 @@ class Trainer:
         if pending or self.epoch < t.epochs:
             self.check_test_images()
         self.model.train()
-        self.preemption = PreemptionHandler().install()  # SIGUSR1/SIGTERM: checkpoint, exit 75
+        # SIGUSR1/SIGTERM: checkpoint, exit 75; no checkpoint within the grace period: exit 1
+        self.preemption = PreemptionHandler(
+            grace_s=t.preempt_grace_s, describe_last=self.describe_last_checkpoint
+        ).install()
         if pending:  # the previous run saved this epoch, then failed in its evaluation
             log.info("evaluating epoch %d, saved before its evaluation failed", self.epoch - 1)
             self._evaluate_epoch(self.history[-1])
@@ -491,7 +500,7 @@ class Trainer:
         stopped = False
         while self.epoch < t.epochs and not stopped:
             self.pipeline.set_epoch(self.epoch)
-            if hasattr(self.loss, "set_epoch"):  # epoch-gated terms (e.g. MIP's MSEL)
+            if isinstance(self.loss, EpochAwareLoss):  # epoch-gated terms (e.g. MIP's MSEL)
                 self.loss.set_epoch(self.epoch)
             steps = len(self.pipeline)
             bar = tqdm(
@@ -504,6 +513,7 @@ class Trainer:
             start = time.perf_counter()
             for batch in self.pipeline.iterate(self.cursor):
                 terms = self.train_step(batch)
+                b.end_setup()  # first step done: later collectives get train.dist_timeout_s
                 self.cursor += 1
                 self.global_step += 1
                 bar.update(1)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import inspect
 from collections.abc import Callable, Sequence
 
 import numpy as np
@@ -29,11 +28,12 @@ def extract_features(
     """(len(records), D) float32 features from ``model.embed(images, modality[, cams=...])``.
 
     Records are batched per modality because two-stream models pick their stem by modality; a
-    model whose ``embed`` takes ``cams`` (camera embeddings, e.g. MIP) gets the records' cameras.
+    model that names ``cams`` in its ``batch_fields`` (camera embeddings, e.g. MIP) gets the
+    records' cameras.
     ``flip`` averages the embedding of each image and its mirror (CAJ/DEEN test-time aug).
     """
     model.eval()
-    wants_cams = "cams" in inspect.signature(model.embed).parameters
+    wants_cams = "cams" in model.batch_fields
     out: np.ndarray | None = None
     for modality in MODALITIES:
         positions = [i for i, r in enumerate(records) if r.modality == modality]

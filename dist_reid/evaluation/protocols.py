@@ -24,6 +24,57 @@ RANKS = (1, 5, 10, 20)
 METRIC_NAMES = ("R1", "R5", "R10", "R20", "mAP", "mINP")
 
 
+def all_test_records(
+    dataset: VIReIDDataset, settings: Sequence[str], trials: Sequence[int], **options: bool
+) -> list[Record]:
+    """Every image any (setting, trial) of the protocol may use, without duplicates."""
+    seen: dict[str, Record] = {}
+    for setting in settings:
+        for trial in trials:
+            query, gallery = dataset.split(setting, trial, **options)
+            for record in (*query, *gallery):
+                seen.setdefault(record.path, record)
+    return list(seen.values())
+
+
+@dataclass(frozen=True)
+class EvaluationPlan:
+    """What an evaluation scores and how it takes features, decided once
+    (``dist_reid.builders.evaluation_plan``) for training, ``eval``, ``extract`` and ``plot``.
+
+    ``settings`` and ``trials`` of the protocol (a RegDB model only on its own trial, see
+    :meth:`VIReIDDataset.scored_trials`), the split options, and the test transform and
+    extraction settings.
+    """
+
+    settings: tuple[str, ...]
+    trials: tuple[int, ...]
+    multi_shot: bool = False
+    transposed_v2i: bool = False
+    max_rank: int = 20
+    height: int = 288
+    width: int = 144
+    mean: tuple[float, float, float] = (0.485, 0.456, 0.406)
+    std: tuple[float, float, float] = (0.229, 0.224, 0.225)
+    batch_size: int = 64
+    flip: bool = False
+
+    @property
+    def split_options(self) -> dict[str, bool]:
+        """Keywords of :meth:`VIReIDDataset.split` and :func:`run_protocol`."""
+        return {"multi_shot": self.multi_shot, "transposed_v2i": self.transposed_v2i}
+
+    def records(self, dataset: VIReIDDataset) -> list[Record]:
+        """Every test image the plan scores, once each (the features to extract)."""
+        return all_test_records(dataset, self.settings, self.trials, **self.split_options)
+
+    def transform(self):
+        """The test transform (resize, tensor, normalise with the plan's mean and std)."""
+        from dist_reid.data.transforms import build_test_transform
+
+        return build_test_transform(self.height, self.width, self.mean, self.std)
+
+
 def cosine_distance(query: np.ndarray, gallery: np.ndarray) -> np.ndarray:
     """``-(q . g)`` on L2-normalised features, the reference's distance."""
     q = query / np.maximum(np.linalg.norm(query, axis=1, keepdims=True), 1e-12)

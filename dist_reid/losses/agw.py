@@ -42,6 +42,8 @@ class AGWLoss(nn.Module):
         self.label_smoothing = label_smoothing
         self.kernels = kernels
 
+    required_outputs = ("logits", "features")
+
     def forward(
         self, outputs: dict[str, torch.Tensor], labels: torch.Tensor, modalities: torch.Tensor
     ) -> dict[str, torch.Tensor]:

@@ -191,6 +191,13 @@ class EMIFLoss(nn.Module):
         self.label_smoothing = label_smoothing
         self.kernels = kernels
 
+    @property
+    def required_outputs(self) -> tuple[str, ...]:
+        keys = ["logits", "branch_logits", self.dist_feature]
+        keys += ["features"] if self.triplet != "none" else []
+        keys += ["branch_features"] if self.intra != "none" else []
+        return tuple(dict.fromkeys(keys))
+
     def forward(
         self, outputs: dict[str, torch.Tensor], labels: torch.Tensor, modalities: torch.Tensor
     ) -> dict[str, torch.Tensor]:

@@ -18,7 +18,14 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from reid_kernels import center_losses, pairwise_distance, segment_mean
+from reid_kernels import (
+    BatchLayout,
+    batch_identities,
+    center_losses,
+    check_layout,
+    pairwise_distance,
+    segment_mean,
+)
 from torch import nn
 
 from dist_reid.losses.identity import identity_loss
@@ -38,22 +45,29 @@ def icg_terms(
     rho1: float,
     sep_margin: float | None = 0.3,
     backend: str = "auto",
+    layout: BatchLayout | None = None,
 ) -> dict[str, torch.Tensor]:
     """The three unweighted ICG terms ``{"sample", "cross", "sep"}`` (module docstring).
 
     ``features`` (N, D) float (float64 stays float64 on the torch backend, for gradcheck),
-    ``labels`` (N,) int, ``modalities`` (N,) int (0 visible, 1 infrared).
+    ``labels`` (N,) int, ``modalities`` (N,) int (0 visible, 1 infrared). ``layout``: the batch
+    is the sampler's :class:`reid_kernels.BatchLayout`, so nothing syncs with the host.
     """
     if features.dim() != 2 or features.shape[0] != labels.shape[0]:
         raise ValueError(
             f"features must be (N, D) with N = len(labels), got {tuple(features.shape)}"
         )
-    uniq, inv = torch.unique(labels, return_inverse=True)
+    uniq, inv = batch_identities(labels, layout)
     mods = modalities.long()
     seg = inv * 2 + mods
     num = 2 * uniq.shape[0]
     centers = segment_mean(features, seg, num, backend=backend)  # (2P, D), empty rows are 0
-    present = torch.bincount(seg, minlength=num) > 0
+    present = (
+        torch.zeros(num, dtype=torch.long, device=seg.device).index_add_(
+            0, seg, torch.ones_like(seg)
+        )
+        > 0
+    )  # bincount would read the maximum on the host
     other = inv * 2 + (1 - mods)  # the same identity's center in the other modality
     dist = pairwise_distance(features, centers, backend=backend)  # (N, 2P)
     to_other = dist.gather(1, other[:, None]).squeeze(1)
@@ -69,6 +83,7 @@ def icg_terms(
         cross_weight=1.0,
         center_weight=0.0,
         backend=backend,
+        layout=layout,
     )
     return {"sample": sample, "cross": cl.cross_modal, "sep": cl.hetero_triplet}
 
@@ -93,6 +108,10 @@ class ICRELoss(nn.Module):
       ``triplet_margin``: the paper names only ID + ICG, so no triplet by default.
     * ``wrt_form`` (``"official"`` | ``"exact"``): the WRT weights, as AGW's released code
       computes them (ICRE is built on AGW) or exact softmaxes.
+
+    ``batch_layout``: the sampler's :class:`reid_kernels.BatchLayout` of every batch (the
+    trainer passes it, not a config key); checked on the first batch, then the ICG terms run
+    without host syncs. ``None``: arbitrary batches.
     """
 
     def __init__(
@@ -112,6 +131,7 @@ class ICRELoss(nn.Module):
         triplet_margin: float | None = 0.3,
         kernels: str = "auto",
         wrt_form: str = "official",
+        batch_layout: BatchLayout | None = None,
     ) -> None:
         super().__init__()
         self.wrt_form = check_wrt_form(wrt_form)
@@ -140,6 +160,15 @@ class ICRELoss(nn.Module):
         self.triplet_weight = triplet_weight
         self.triplet_margin = triplet_margin
         self.kernels = kernels
+        # The trainer passes the sampler's layout: the ICG terms then need no host sync. It is
+        # checked against the first batch (one sync), then trusted.
+        self.batch_layout = batch_layout
+        self._layout_checked = False
+
+    @property
+    def required_outputs(self) -> tuple[str, ...]:
+        triplet = ("features",) if self.triplet != "none" else ()
+        return tuple(dict.fromkeys(("logits", self.icg_feature, *triplet)))
 
     def forward(
         self, outputs: dict[str, torch.Tensor], labels: torch.Tensor, modalities: torch.Tensor
@@ -150,7 +179,11 @@ class ICRELoss(nn.Module):
         feats = outputs[self.icg_feature].float()
         if self.icg_normalize:
             feats = F.normalize(feats, dim=1)
-        icg = icg_terms(feats, labels, modalities, self.rho1, self.sep_margin, self.kernels)
+        layout = self.batch_layout
+        if layout is not None and not self._layout_checked:
+            check_layout(labels, modalities, layout)
+            self._layout_checked = True
+        icg = icg_terms(feats, labels, modalities, self.rho1, self.sep_margin, self.kernels, layout)
         for name, value in icg.items():
             terms[f"icg_{name}"] = self.lambda_icg * self.weights[name] * value
         if self.triplet == "wrt":

@@ -89,6 +89,9 @@ class MIPLoss(nn.Module):
         parts = [fn(local[:, k], outputs["logits_local"][:, k]) for k in range(local.shape[1])]
         return g * value + (1 - g) * torch.stack(parts).mean()
 
+    # JPM's local parts and IAEL's logits are read when the model has them
+    required_outputs = ("global", "logits_global")
+
     def forward(
         self, outputs: dict[str, torch.Tensor], labels: torch.Tensor, modalities: torch.Tensor
     ) -> dict[str, torch.Tensor]:

@@ -226,6 +226,11 @@ class PDMLoss(nn.Module):
         self.dcs_anchor_stride, self.ort_form = dcs_anchor_stride, ort_form
         self.label_smoothing, self.kernels = label_smoothing, kernels
 
+    @property
+    def required_outputs(self) -> tuple[str, ...]:
+        keys = ("global", "feature", "logits_global", "logits_feature")
+        return keys + (("prototype_logits",) if self.w["ch"] else ())
+
     def forward(
         self, outputs: dict[str, torch.Tensor], labels: torch.Tensor, modalities: torch.Tensor
     ) -> dict[str, torch.Tensor]:

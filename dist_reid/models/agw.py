@@ -46,6 +46,9 @@ class AGW(nn.Module):
         self.neck = BNNeck(self.backbone.out_channels, num_classes)
         self.test_feature = test_feature
 
+    batch_fields: tuple[str, ...] = ()
+    output_keys = ("features", "bn_features", "logits")
+
     def lr_groups(self) -> dict[str, tuple[list[nn.Parameter], float]]:
         """Parameter groups with their lr multipliers: AGW trains BNNeck and classifier at the
         full lr and the backbone at 0.1x (``optim.lr_mults`` overrides by group name)."""

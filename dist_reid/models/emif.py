@@ -112,6 +112,16 @@ class EMIF(nn.Module):
         bn, logits = self.branch_necks[code](pooled)
         return pooled, bn, logits
 
+    batch_fields: tuple[str, ...] = ()
+    output_keys = (
+        "features",
+        "bn_features",
+        "logits",
+        "branch_features",
+        "branch_bn_features",
+        "branch_logits",
+    )
+
     def forward(self, images: torch.Tensor, modalities: torch.Tensor) -> dict[str, torch.Tensor]:
         x3, x4 = self._trunk(images, modalities)
         features = self.pool(x4)

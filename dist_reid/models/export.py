@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import inspect
-
 import torch
 from torch import nn
 
@@ -23,7 +21,7 @@ class EmbeddingModule(nn.Module):
         self.model = model
         self.modality = modality
         self._embed = getattr(type(model).embed, "__wrapped__", type(model).embed)
-        self.takes_cams = "cams" in inspect.signature(self._embed).parameters
+        self.takes_cams = "cams" in model.batch_fields
 
     def forward(self, images: torch.Tensor, cams: torch.Tensor | None = None) -> torch.Tensor:
         if self.takes_cams:

@@ -209,6 +209,12 @@ class ICRE(nn.Module):
             out = tokens.transpose(1, 2).reshape(b, c, h, w)
         return self.pool(out), masks
 
+    batch_fields: tuple[str, ...] = ()
+
+    @property
+    def output_keys(self) -> tuple[str, ...]:
+        return ("features", "bn_features", "logits") + (("masks",) if self.mpfr is not None else ())
+
     def forward(self, images: torch.Tensor, modalities: torch.Tensor) -> dict[str, torch.Tensor]:
         features, masks = self._enhanced(images, modalities)
         bn_features, logits = self.neck(features)

@@ -314,6 +314,13 @@ class MIP(nn.Module):
         local = torch.stack([self.head_local(torch.cat([cls, p], dim=1))[:, 0] for p in parts], 1)
         return glob, local
 
+    batch_fields: tuple[str, ...] = ("cams",)  # SIE's camera embedding
+
+    @property
+    def output_keys(self) -> tuple[str, ...]:
+        jpm = ("local", "logits_local") if self.jpm else ()
+        return ("global", "logits_global", *jpm) + (("iael_logits",) if self.iael else ())
+
     def forward(
         self, images: torch.Tensor, modalities: torch.Tensor, cams: torch.Tensor | None = None
     ) -> dict[str, torch.Tensor]:

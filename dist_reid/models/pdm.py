@@ -384,6 +384,9 @@ class PDM(nn.Module):
         glob = maps.mean(dim=(2, 3))
         return glob, torch.cat([local.flatten(1), glob], dim=1), logits
 
+    batch_fields: tuple[str, ...] = ()
+    output_keys = ("global", "feature", "logits_global", "logits_feature", "prototype_logits")
+
     def forward(self, images: torch.Tensor, modalities: torch.Tensor) -> dict[str, torch.Tensor]:
         glob, feature, logits = self._features(self._maps(images, modalities, generate=True))
         _, logits_global = self.neck_global(glob)

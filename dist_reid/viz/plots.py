@@ -12,6 +12,7 @@ import matplotlib.pyplot as plt
 import numpy as np
 import torch
 from matplotlib.figure import Figure
+from matplotlib.ticker import MaxNLocator
 from PIL import Image
 
 from dist_reid.data.images import load_rgb
@@ -44,6 +45,7 @@ def cmc_figure(curves: Mapping[str, Sequence[float]], title: str = "CMC") -> Fig
             label=f"{name} (R1 {100 * curve[0]:.1f})",
         )
     ax.set_xlabel("rank")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # ranks are whole numbers
     ax.set_ylabel("matching rate (%)")
     ax.set_ylim(0, 100)
     ax.grid(alpha=0.3)
@@ -157,8 +159,10 @@ def plot_ranked_gallery(
     top_k: int = 10,
     thumb: tuple[int, int] = (128, 64),
 ) -> Path:
-    """For each chosen query, its top-k gallery images; green frame = true match, red = false."""
+    """For each chosen query, its top-k gallery images; green frame = true match, red = false.
+    A gallery shorter than ``top_k`` gets as many columns as it has images."""
     rows = len(query_indices)
+    top_k = max(1, min(top_k, distmat.shape[1]))
     fig, axes = plt.subplots(
         rows, top_k + 1, figsize=(1.1 * (top_k + 1), 2.2 * rows), squeeze=False
     )

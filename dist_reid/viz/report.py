@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import json
 import logging
 from pathlib import Path
@@ -45,9 +46,22 @@ def training_curves(run_dir: str | Path, path: str | Path) -> Path | None:
     return path
 
 
+def run_labels(run_dirs: list[str | Path]) -> list[str]:
+    """The shortest trailing path of each run that tells it apart from the others (the folder
+    name when those differ, else ``parent/name``, ...), so equal names stay separate curves."""
+    parts = [Path(run).resolve().parts for run in run_dirs]
+    depth = 1
+    while True:
+        labels = ["/".join(p[-depth:]) for p in parts]
+        if len(set(labels)) == len(labels) or depth >= max(map(len, parts)):
+            return labels
+        depth += 1
+
+
 def compare_cmc(run_dirs: list[str | Path], path: str | Path, setting: str | None = None) -> Path:
     """CMC curves (trial means) of several runs' ``metrics.json`` on one plot."""
     curves: dict[str, list[float]] = {}
+    labels = dict(zip(run_dirs, run_labels(run_dirs), strict=True))
     for run in run_dirs:
         metrics_file = Path(run) / "metrics.json"
         if not metrics_file.is_file():
@@ -57,7 +71,7 @@ def compare_cmc(run_dirs: list[str | Path], path: str | Path, setting: str | Non
         settings = json.loads(metrics_file.read_text())["settings"]
         for name, entry in settings.items():
             if (setting is None or name == setting) and entry.get("cmc_mean"):
-                curves[f"{Path(run).name}/{name}"] = entry["cmc_mean"]
+                curves[f"{labels[run]}/{name}"] = entry["cmc_mean"]
     if not curves:
         raise ValueError(
             f"no CMC curves for setting {setting!r} in {', '.join(map(str, run_dirs))}"
@@ -66,15 +80,14 @@ def compare_cmc(run_dirs: list[str | Path], path: str | Path, setting: str | Non
 
 
 def _table(settings: dict[str, Any]) -> str:
+    """Mean ± std per metric; the mean alone where no spread was recorded (a spread of 0 must
+    not be printed for one that is unknown)."""
     names = ("R1", "R5", "R10", "R20", "mAP", "mINP")
     lines = ["| setting | " + " | ".join(names) + " |", "|---|" + "---|" * len(names)]
     for setting, entry in settings.items():
-        mean, std = entry["mean"], entry.get("std", {})
-        lines.append(
-            f"| {setting} | "
-            + " | ".join(f"{mean[n]:.2f} ± {std.get(n, 0):.2f}" for n in names)
-            + " |"
-        )
+        mean, std = entry["mean"], entry.get("std") or {}
+        cells = [f"{mean[n]:.2f} ± {std[n]:.2f}" if n in std else f"{mean[n]:.2f}" for n in names]
+        lines.append(f"| {setting} | " + " | ".join(cells) + " |")
         if entry.get("chance"):
             lines.append(
                 f"| {setting} (chance) | "
@@ -95,7 +108,7 @@ def write_report(run_dir: str | Path) -> tuple[Path, Path]:
         data = json.loads(final.read_text())
         last = data.get("last_epoch")
         if last:
-            parts.append(f"Last epoch ({last['epoch']}), trial mean, %:\n")
+            parts.append(f"Last epoch ({last['epoch']}), mean over trials, %:\n")
             parts.append(_table({k: {"mean": v} for k, v in last["metrics"].items()}) + "\n")
         best = data.get("best_epoch_selected_on_test_set_optimistic")
         if best:
@@ -131,12 +144,17 @@ def write_report(run_dir: str | Path) -> tuple[Path, Path]:
     md_path = run / "report.md"
     md_path.write_text(markdown)
     html_path = run / "report.html"
-    html_path.write_text(_html(markdown, run.name))
+    html_path.write_text(_html(markdown, run.name, run))
     return md_path, html_path
 
 
-def _html(markdown: str, title: str) -> str:
-    """A dependency-free rendering of the report's small markdown subset."""
+def _data_uri(path: Path) -> str:
+    return "data:image/png;base64," + base64.b64encode(path.read_bytes()).decode("ascii")
+
+
+def _html(markdown: str, title: str, base: Path) -> str:
+    """A dependency-free rendering of the report's small markdown subset, as one file: images
+    are embedded (data URIs), so the page can be attached or copied off a cluster alone."""
     import html
 
     out, table = [], []
@@ -159,7 +177,8 @@ def _html(markdown: str, title: str) -> str:
             table = []
         if line.startswith("!["):
             alt, src = line[2:].split("](", 1)
-            out.append(f'<img alt="{html.escape(alt)}" src="{html.escape(src.rstrip(")"))}">')
+            uri = _data_uri(base / src.rstrip(")"))
+            out.append(f'<img alt="{html.escape(alt)}" src="{uri}">')
         elif line.startswith("#"):
             level = len(line) - len(line.lstrip("#"))
             out.append(f"<h{level}>{html.escape(line.lstrip('#').strip())}</h{level}>")

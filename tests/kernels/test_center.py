@@ -7,8 +7,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 from reid_kernels import (
+    BatchLayout,
+    batch_identities,
     center_losses,
     center_losses_reference,
+    check_layout,
     dispatch,
     segment_mean,
     segment_mean_reference,
@@ -42,7 +45,16 @@ def _batch(n: int, num_ids: int, d: int, device: str = "cpu", one_modality: bool
 
 
 def _compare(
-    x64, labels, modalities, table64, backend, dtype=torch.float32, tol=1e-5, grad_tol=1e-5, **kw
+    x64,
+    labels,
+    modalities,
+    table64,
+    backend,
+    dtype=torch.float32,
+    tol=1e-5,
+    grad_tol=1e-5,
+    layout=None,
+    **kw,
 ):
     x64 = x64.to(dtype).double().requires_grad_()
     t64 = None if table64 is None else table64.detach().clone().requires_grad_()
@@ -55,7 +67,7 @@ def _compare(
     )
     x = x64.detach().to(dtype).requires_grad_()
     table = None if t64 is None else t64.detach().float().requires_grad_()
-    out = center_losses(x, labels, modalities, table, backend=backend, **kw)
+    out = center_losses(x, labels, modalities, table, backend=backend, layout=layout, **kw)
     for name in TERMS:
         got, want = getattr(out, name), getattr(ref, name)
         assert got.shape == () and torch.isfinite(got), name
@@ -105,6 +117,106 @@ def test_one_modality_and_soft_margin(backend):
     assert out.cross_modal.item() == 0.0  # no identity has both modalities
     assert out.center.item() == 0.0  # no table
     assert bool((out.center_modalities == 0).all()) and out.batch_centers.shape == (4, 17)
+
+
+def _layout_batch(layout: BatchLayout, d: int, device: str = "cpu"):
+    """A batch as the sampler lays it out: distinct, unsorted identities, K rows each per half."""
+    p, k = layout.identities, layout.instances
+    ids = torch.randperm(40)[:p] * 3 + 1
+    labels = ids.repeat_interleave(k).repeat(2)
+    first = int(layout.infrared_first)
+    modalities = torch.cat([torch.full((p * k,), first), torch.full((p * k,), 1 - first)])
+    x = torch.randn(2 * p * k, d, dtype=torch.float64)
+    return x.to(device), labels.to(device), modalities.to(device)
+
+
+LAYOUTS = [
+    BatchLayout(1, 1),
+    BatchLayout(2, 3, infrared_first=True),
+    BatchLayout(5, 2),
+    BatchLayout(7, 4, infrared_first=True),
+    BatchLayout(3, 5),
+]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("with_table", [True, False])
+@pytest.mark.parametrize("margin", [0.3, None])
+@pytest.mark.parametrize("layout, d", list(zip(LAYOUTS, (5, 37, 130, 23, 1), strict=True)))
+def test_layout_path_equals_the_general_float64_reference(layout, d, margin, with_table, backend):
+    """The sync-free path gives the general reference's values, centers and gradients."""
+    _skip_unless_runnable(backend)
+    x, labels, modalities = _layout_batch(layout, d)
+    check_layout(labels, modalities, layout)
+    table = torch.randn(int(labels.max()) + 3, d, dtype=torch.float64) if with_table else None
+    _compare(
+        x,
+        labels,
+        modalities,
+        table,
+        backend,
+        layout=layout,
+        margin=margin,
+        hetero_weight=1.0,
+        cross_weight=0.5,
+        center_weight=0.01,
+    )
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_layout_path_reads_no_value_on_the_host(backend, monkeypatch):
+    """The CPU stand-in for "no host sync": the layout path never calls the ops that sync on a
+    GPU (unique, nonzero, bincount, .item(), truth values of tensors), forward or backward."""
+    _skip_unless_runnable(backend)
+    layout = BatchLayout(4, 3, infrared_first=True)
+    x, labels, modalities = _layout_batch(layout, 19)
+    x = x.float().requires_grad_()
+    table = torch.randn(int(labels.max()) + 1, 19, requires_grad=True)
+
+    def syncs(*args, **kwargs):
+        raise AssertionError("a host-syncing op was called")
+
+    for name in ("unique", "nonzero", "bincount", "argwhere", "masked_select"):
+        monkeypatch.setattr(torch, name, syncs)
+    monkeypatch.setattr(torch.Tensor, "item", syncs)
+    monkeypatch.setattr(torch.Tensor, "nonzero", syncs)
+    monkeypatch.setattr(torch.Tensor, "__bool__", syncs)
+    out = center_losses(x, labels, modalities, table, backend=backend, layout=layout)
+    out.total.backward()
+    monkeypatch.undo()
+    assert torch.isfinite(x.grad).all() and x.grad.abs().sum() > 0
+    # and the general path does sync (the stand-in detects what it should)
+    monkeypatch.setattr(torch, "unique", syncs)
+    with pytest.raises(AssertionError, match="host-syncing"):
+        center_losses(x, labels, modalities, table, backend=backend)
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_batch_identities_of_a_layout_equal_torch_unique(layout):
+    _, labels, _ = _layout_batch(layout, 1)
+    uniq, inverse = batch_identities(labels, layout)
+    want_uniq, want_inverse = torch.unique(labels, return_inverse=True)
+    assert torch.equal(uniq, want_uniq) and torch.equal(inverse, want_inverse)
+    assert all(map(torch.equal, batch_identities(labels), (want_uniq, want_inverse)))
+
+
+def test_check_layout_names_what_is_wrong():
+    layout = BatchLayout(3, 2)
+    x, labels, modalities = _layout_batch(layout, 4)
+    check_layout(labels, modalities, layout)
+    with pytest.raises(ValueError, match="has 12 rows"):
+        check_layout(labels[:10], modalities[:10], layout)
+    with pytest.raises(ValueError, match="visible half first"):
+        check_layout(labels, 1 - modalities, layout)
+    with pytest.raises(ValueError, match="contiguous"):
+        check_layout(labels[torch.randperm(12)].roll(1), modalities, layout)
+    twice = labels.clone()
+    twice[2:4] = labels[0]
+    twice[8:10] = labels[0]
+    with pytest.raises(ValueError, match="two slots"):
+        check_layout(twice, modalities, layout)
+    with pytest.raises(ValueError, match="rows"):
+        center_losses(x[:10], labels[:10], modalities[:10], layout=layout)
 
 
 def test_segment_means_against_loop_oracle():
@@ -244,6 +356,27 @@ def test_rejects_bad_inputs():
 
 
 # ----------------------------------------------------------------------------------------- GPU
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("layout, d", [(BatchLayout(8, 4), 2048), (BatchLayout(32, 4), 512)])
+def test_gpu_layout_path_has_no_host_sync_and_matches(layout, d, dtype):
+    _skip_unless_runnable("triton", "cuda")
+    x64, labels, modalities = _layout_batch(layout, d, device="cuda")
+    table = torch.randn(int(labels.max()) + 1, d, device="cuda", requires_grad=True)
+    x = x64.to(dtype).requires_grad_()
+    center_losses(x, labels, modalities, table, layout=layout).total.backward()  # compile first
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        out = center_losses(x, labels, modalities, table, layout=layout)
+        out.total.backward()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    tol = 1e-4 if dtype == torch.float32 else 2e-2
+    _compare(x64, labels, modalities, table.detach().double(), "auto", dtype=dtype, tol=1e-4,
+             grad_tol=tol, layout=layout, center_weight=0.01)  # fmt: skip
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("n, num_ids, d", [(1, 1, 5), (70, 9, 40), (64, 8, 2048), (256, 32, 768)])

@@ -346,6 +346,7 @@ def test_benchmark_smoke_cpu(tmp_path):
         ("triplet_weighted", "torch"),
         ("triplet_weighted_official", "torch"),
         ("center", "torch"),
+        ("center_layout", "torch"),
     } <= ops
     assert all(r["error"] is None and r["ms"] > 0 for r in payload["rows"])
     assert len({tuple(r) for r in payload["rows"]}) == 1  # one column set

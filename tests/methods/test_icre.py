@@ -230,6 +230,45 @@ def test_feature_normalize_and_triplet_switches():
         ICRELoss(rho1=-1.0)
 
 
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_sampler_layout_gives_the_same_terms_and_gradients(backend):
+    """With the sampler's layout (the trainer passes it) ICRE's terms equal the general path's;
+    a batch that breaks the layout is refused on the first call."""
+    from reid_kernels import BatchLayout, dispatch
+
+    if backend == "triton" and not dispatch.INTERPRET:
+        pytest.skip("TRITON_INTERPRET=1 was not set before import")
+    torch.manual_seed(5)
+    layout = BatchLayout(3, 2, infrared_first=True)
+    labels = torch.tensor([7, 2, 9]).repeat_interleave(2).repeat(2)
+    mods = torch.cat([torch.ones(6), torch.zeros(6)]).long()
+    feats = torch.randn(12, 16)
+    outs = []
+    for batch_layout in (None, layout):
+        x = feats.clone().requires_grad_()
+        loss = ICRELoss(rho1=0.1, kernels=backend, batch_layout=batch_layout)
+        out = {"logits": torch.randn(12, 10, generator=torch.Generator().manual_seed(1)),
+               "features": x, "bn_features": x}  # fmt: skip
+        terms = loss(out, labels, mods)
+        sum(terms.values()).backward()
+        outs.append((terms, x.grad))
+    for name in outs[0][0]:
+        torch.testing.assert_close(outs[1][0][name], outs[0][0][name], rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(outs[1][1], outs[0][1], rtol=1e-5, atol=1e-6)
+    with pytest.raises(ValueError, match="layout"):
+        ICRELoss(kernels=backend, batch_layout=layout)(
+            {"logits": torch.randn(12, 10), "features": feats, "bn_features": feats},
+            labels,
+            1 - mods,
+        )
+
+
+def test_batch_layout_is_not_a_config_key():
+    cfg = load_config(str(REPO / "configs/sysu/icre.yaml"), ["loss.options.batch_layout=[2,2]"])
+    with pytest.raises(ConfigError, match=r"loss\.options\.batch_layout: set by the trainer"):
+        build_loss(cfg)
+
+
 # -- configs -------------------------------------------------------------------------------
 @pytest.mark.parametrize("dataset", ["sysu", "regdb", "llcm"])
 def test_configs_build_with_dotted_overrides(dataset):

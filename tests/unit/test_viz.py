@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import base64
 import json
+import re
 
 import numpy as np
 import pytest
@@ -10,6 +12,7 @@ import torch
 from PIL import Image
 
 from dist_reid.cli import main
+from dist_reid.data.records import Record
 from dist_reid.viz.plots import (
     cmc_figure,
     cross_modal_distances,
@@ -17,8 +20,9 @@ from dist_reid.viz.plots import (
     grad_cam,
     plot_cmc,
     plot_distance_histogram,
+    plot_ranked_gallery,
 )
-from dist_reid.viz.report import compare_cmc, write_report
+from dist_reid.viz.report import compare_cmc, run_labels, write_report
 
 
 def _is_picture(path, min_size=(200, 200)) -> bool:
@@ -97,11 +101,12 @@ def _fake_run(tmp_path):
     cmc = list(np.linspace(0.25, 1.0, 20))
     entry = {
         "mean": {k: 50.0 for k in ("R1", "R5", "R10", "R20", "mAP", "mINP")},
-        "std": {},
+        "std": {k: 1.5 for k in ("R1", "R5", "R10", "R20", "mAP", "mINP")},
         "chance": {},
         "cmc_mean": cmc,
     }
     entry["mean"]["mAP"] = 42.42
+    entry["std"]["R1"] = 6.74
     (run / "metrics.json").write_text(json.dumps({"dataset": "sysu", "settings": {"all": entry}}))
     (run / "final_metrics.json").write_text(
         json.dumps(
@@ -127,12 +132,52 @@ def test_report_has_metrics_curves_and_figures(tmp_path):
     assert _is_picture(run / "figures" / "training_curves.png") and _is_picture(
         run / "figures" / "cmc.png"
     )
+    # the full protocol has the trials' spread; the last-epoch record has none: no "± 0.00"
+    assert "| all | 50.00 ± 6.74 |" in text and "42.42 ± 1.50" in text
+    assert "| all | 50.00 | 50.00 | 50.00 | 50.00 | 42.42 | 50.00 |" in text
+    assert "± 0.00" not in text
     page = html.read_text()
-    assert (
-        "<table>" in page
-        and "<td>42.42 ± 0.00</td>" in page
-        and '<img alt="training curves"' in page
+    assert "<table>" in page and "<td>42.42 ± 1.50</td>" in page and "<td>42.42</td>" in page
+    # one self-contained file: the figures are embedded, byte for byte
+    assert 'src="figures/' not in page
+    embedded = re.findall(r'<img alt="([^"]+)" src="data:image/png;base64,([^"]+)"', page)
+    assert {alt for alt, _ in embedded} >= {"training curves", "cmc"}
+    for alt, data in embedded:
+        name = "training_curves.png" if alt == "training curves" else f"{alt}.png"
+        assert base64.b64decode(data) == (run / "figures" / name).read_bytes()
+
+
+def test_compare_keeps_runs_with_the_same_folder_name_apart(tmp_path):
+    first = _fake_run(tmp_path / "a")
+    second = _fake_run(tmp_path / "b")
+    assert run_labels([first, second]) == ["a/run", "b/run"]
+    assert run_labels([first, tmp_path / "other"]) == ["run", "other"]
+    compare_cmc([first, second], tmp_path / "cmp.png")
+    ax = cmc_figure({"a/run/all": [0.2, 1.0], "b/run/all": [0.3, 1.0]}).axes[0]
+    assert len(ax.get_legend().get_texts()) == 2
+
+
+def test_cmc_ticks_are_whole_ranks():
+    fig = cmc_figure({"x": np.linspace(0.3, 1.0, 5)})
+    fig.canvas.draw()
+    ticks = [t for t in fig.axes[0].get_xticks() if 1 <= t <= 5]
+    assert ticks and all(float(t).is_integer() for t in ticks)
+
+
+def test_ranked_gallery_has_no_empty_columns(tmp_path):
+    records = []
+    for i, modality in enumerate(["infrared", "visible", "visible", "visible"]):
+        path = tmp_path / f"{i}.jpg"
+        Image.new("RGB", (32, 64), (40 * i, 80, 120)).save(path)
+        records.append(Record(str(path), pid=i % 2, cam=1 + i, modality=modality))
+    dist = np.array([[0.3, 0.1, 0.2]])
+    fig_path = plot_ranked_gallery(
+        records[:1], records[1:], dist, [0], tmp_path / "g.png", top_k=10
     )
+    with Image.open(fig_path) as image:
+        width, height = image.size
+    assert width < height * 2.5  # 1 query + 3 gallery columns, not 11
+    assert _is_picture(fig_path, min_size=(100, 100))
 
 
 def test_compare_cmc_names_a_missing_metrics_file(tmp_path):

@@ -130,6 +130,11 @@ class VIReIDDataset(abc.ABC):
     def split(self, setting: str, trial: int, **options: bool) -> tuple[list[Record], list[Record]]:
         """(query, gallery) of one protocol setting and trial."""
 
+    def scored_trials(self) -> tuple[int, ...]:
+        """The trials a model trained on this dataset object is scored on: all of them (one
+        training set serves every trial). RegDB overrides it: each trial has its own split."""
+        return self.trials
+
     @property
     def num_train_ids(self) -> int:
         return len({r.pid for r in self.train})

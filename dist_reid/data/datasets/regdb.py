@@ -40,6 +40,11 @@ class RegDB(VIReIDDataset):
     def trials(self) -> tuple[int, ...]:
         return tuple(range(1, 11))
 
+    def scored_trials(self) -> tuple[int, ...]:
+        """Only the trial this object was opened for: the other trials' test identities are
+        this split's training identities (protocols.md pitfall 1)."""
+        return (self.trial,)
+
     def _read(self, part: str, trial: int, modality: Modality) -> list[Record]:
         path = self.root / "idx" / f"{part}_{LIST_NAME[modality]}_{trial}.txt"
         return [
