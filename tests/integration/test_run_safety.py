@@ -91,15 +91,15 @@ def test_dist_reid_train_one_identity_per_batch_is_one_line_exit_2(tmp_path, cap
 # -- case 5: a corrupt test image ------------------------------------------------------------
 def _test_image(out: Path) -> tuple[list[str], Path]:
     """A tiny tree of its own (8 steps an epoch) and one of the images its evaluation reads."""
-    from dist_reid.builders import build_dataset
+    from dist_reid.builders import build_dataset, evaluation_plan
     from dist_reid.data.synthetic.layouts import generate
-    from dist_reid.engine.evaluate import all_test_records
 
     data = out / "data"
     generate("sysu", data, 12, seed=3, images_per_camera=2)
     overrides = tiny(data, out, "run", "train.epochs=1")
-    dataset = build_dataset(load_config(CONFIG, overrides))
-    records = all_test_records(dataset, ("all",), (0,))
+    cfg = load_config(CONFIG, overrides)
+    dataset = build_dataset(cfg)
+    records = evaluation_plan(cfg, dataset).records(dataset)
     return overrides, Path(records[len(records) // 2].path)
 
 
