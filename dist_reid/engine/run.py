@@ -104,7 +104,6 @@ def train_main(argv: Sequence[str] | None = None) -> int:
     if note and rank_zero():
         print(f"train: warning: {note}", file=sys.stderr)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    configure_threads(announce=rank_zero())  # cores / local processes, or OMP_NUM_THREADS
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     cfg = load_config(args.config, args.overrides)
     own = Path(cfg.run.output_dir) / cfg.run.name / "last.pt"
@@ -113,6 +112,8 @@ def train_main(argv: Sequence[str] | None = None) -> int:
     if args.resume_from and not Path(args.resume_from).is_file():  # before any data is built
         raise CheckpointError(f"checkpoint {args.resume_from} does not exist (--resume-from)")
     try:
+        # after the argument checks, so a bad command line stays one line on stderr
+        configure_threads(announce=rank_zero())  # cores / local processes, or OMP_NUM_THREADS
         trainer = Trainer(cfg)  # checks model.pretrained before reading any data
     except WeightsUnavailableError as exc:
         print(f"train: error: {exc}", file=sys.stderr)

@@ -187,6 +187,7 @@ class Trainer:
 
             self.writer = SummaryWriter(str(self.run_dir / "tensorboard"))
         self._test_records: list[Record] | None = None
+        self.last_report: tuple[int, Any] | None = None  # (epoch, ProtocolReport), rank 0
         # set by load() when --allow-config-change applied new values: the checkpoint's config
         self._replaced_config: dict[str, Any] | None = None
         self._config_replaced = False
@@ -237,6 +238,7 @@ class Trainer:
             "history": json.dumps(self.history),
             "config_hash": config_hash(self.cfg),
             "config": plain_config(self.cfg),  # what a resume compares, key by key
+            "num_classes": len(self.labels),  # rebuilds the model from the file alone
             "world_size": self.backend.world_size,
         }
 
@@ -403,6 +405,7 @@ class Trainer:
                 **plan.split_options,
             )
             summary = {s.setting: s.mean() for s in report.settings}
+            self.last_report = (self.epoch - 1, report)  # metrics.json at the end of the run
         with b.waiting_on_rank_zero():  # rank 0 alone scores the protocol meanwhile
             summary = b.broadcast_object(summary)
         self.model.train()
@@ -585,6 +588,7 @@ class Trainer:
             "model": self.backend.unwrap(self.model).state_dict(),
             "progress": {"epoch": self.epoch},
             "config": plain_config(self.cfg),
+            "num_classes": len(self.labels),
         }
 
     def _is_best(self, record: dict[str, Any]) -> bool:
@@ -610,6 +614,13 @@ class Trainer:
             }
         if self.backend.is_main:
             (self.run_dir / "final_metrics.json").write_text(json.dumps(result, indent=2))
+            if self.last_report is not None:  # the full protocol of the last evaluated epoch
+                epoch, report = self.last_report
+                payload = {"epoch": epoch, **report.to_dict()}
+                (self.run_dir / "metrics.json").write_text(json.dumps(payload, indent=2))
+                (self.run_dir / "metrics.md").write_text(
+                    f"Epoch {epoch}, mean ± std over trials (%):\n\n{report.to_markdown()}\n"
+                )
         if self.writer is not None:
             self.writer.flush()
         if self._locked:

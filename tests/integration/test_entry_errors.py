@@ -149,20 +149,23 @@ def test_nan_guard_is_one_line_exit_2_naming_the_term_and_last_checkpoint(
     build_loss = trainer_module.build_loss
     poisoned_term = []
 
-    def poisoned(cfg):
-        loss = build_loss(cfg)
+    def poisoned(cfg, **kwargs):
+        loss = build_loss(cfg, **kwargs)
         calls = {"n": 0}
 
-        def forward(outputs, labels, modalities):
-            terms = dict(loss(outputs, labels, modalities))
-            calls["n"] += 1
-            if calls["n"] == 3:  # the third step: two steps done, one checkpointed
-                name = next(iter(terms))
-                poisoned_term.append(name)
-                terms[name] = terms[name] * torch.tensor(float("nan"))
-            return terms
+        class Poisoned:  # the loss contract: required_outputs and a call
+            required_outputs = loss.required_outputs
 
-        return forward
+            def __call__(self, outputs, labels, modalities):
+                terms = dict(loss(outputs, labels, modalities))
+                calls["n"] += 1
+                if calls["n"] == 3:  # the third step: two steps done, one checkpointed
+                    name = next(iter(terms))
+                    poisoned_term.append(name)
+                    terms[name] = terms[name] * torch.tensor(float("nan"))
+                return terms
+
+        return Poisoned()
 
     monkeypatch.setattr(trainer_module, "build_loss", poisoned)
     root, _ = synthetic_trees["sysu"]
