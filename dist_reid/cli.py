@@ -60,12 +60,16 @@ def _cmd_synth(args: argparse.Namespace) -> int:
 
 
 def _cmd_eval(args: argparse.Namespace) -> int:
-    from dist_reid.config import load_config
     from dist_reid.engine.evaluate import run_evaluation
+    from dist_reid.engine.trained import checkpoint_config, evaluation_dir
 
-    cfg = load_config(args.config, args.overrides)
+    cfg = checkpoint_config(args.checkpoint, args.config, args.overrides)
     run_evaluation(
-        cfg, checkpoint=args.checkpoint, features=args.features, untrained=args.untrained
+        cfg,
+        checkpoint=args.checkpoint,
+        features=args.features,
+        untrained=args.untrained,
+        out_dir=evaluation_dir(args.checkpoint, cfg, args.name),
     )
     return 0
 
@@ -78,6 +82,8 @@ def _cmd_train(args: argparse.Namespace) -> int:
     resume = ["--resume"] if args.resume else []
     if args.resume_from:
         resume += ["--resume-from", args.resume_from]
+    if args.allow_config_change:
+        resume.append("--allow-config-change")
     return train_main(["--config", args.config, *resume, *args.overrides])
 
 
@@ -124,18 +130,18 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 
 def _cmd_extract(args: argparse.Namespace) -> int:
     from dist_reid.builders import build_dataset, build_model, evaluation_plan
-    from dist_reid.config import load_config
     from dist_reid.engine.evaluate import save_features
+    from dist_reid.engine.trained import checkpoint_config, load_trained_model
     from dist_reid.evaluation.features import extract_features
-    from dist_reid.models.backbones import load_model_weights
 
-    cfg = load_config(args.config, args.overrides)
-    dataset = build_dataset(cfg)
-    model = build_model(cfg, dataset.num_train_ids, pretrained=False)  # checkpoint or untrained
-    if args.checkpoint:
-        load_model_weights(model, args.checkpoint)
-    elif not args.untrained:
+    if not (args.checkpoint or args.untrained):
         raise ValueError("give --checkpoint, or --untrained to extract with random weights")
+    cfg = checkpoint_config(args.checkpoint, args.config, args.overrides)
+    dataset = build_dataset(cfg)
+    if args.checkpoint:
+        model = load_trained_model(args.checkpoint, cfg, dataset.num_train_ids)
+    else:
+        model = build_model(cfg, dataset.num_train_ids, pretrained=False)
     # every trial's images: the file may later be scored on any of them
     plan = evaluation_plan(cfg, dataset, every_trial=True)
     records = plan.records(dataset)
@@ -170,14 +176,12 @@ def _cmd_plot(args: argparse.Namespace) -> int:
 
         print(f"wrote {compare_cmc(args.compare, args.out / 'cmc_compare.png', args.setting)}")
         return 0
-    from dist_reid.config import load_config
     from dist_reid.engine.figures import model_figures
+    from dist_reid.engine.trained import checkpoint_config
 
-    if not args.config or not (args.checkpoint or args.untrained):
-        raise ValueError(
-            "plot needs --config and --checkpoint (or --untrained), or --compare RUN_DIR ..."
-        )
-    cfg = load_config(args.config, args.overrides)
+    if not (args.checkpoint or args.untrained):
+        raise ValueError("plot needs --checkpoint (or -c with --untrained), or --compare RUN_DIR ...")
+    cfg = checkpoint_config(args.checkpoint, args.config, args.overrides)
     for path in model_figures(cfg, args.checkpoint, args.out, trial=args.trial):
         print(f"wrote {path}")
     return 0
@@ -192,12 +196,12 @@ def _cmd_report(args: argparse.Namespace) -> int:
 
 
 def _cmd_export(args: argparse.Namespace) -> int:
-    from dist_reid.config import load_config
     from dist_reid.engine.export import export_onnx
+    from dist_reid.engine.trained import checkpoint_config
 
     if not (args.checkpoint or args.untrained):
         raise ValueError("export needs --checkpoint (or --untrained for random weights)")
-    cfg = load_config(args.config, args.overrides)
+    cfg = checkpoint_config(args.checkpoint, args.config, args.overrides)
     for modality, info in export_onnx(cfg, args.checkpoint, args.out).items():
         print(f"wrote {info['file']} ({modality}; max |onnx - eager| = {info['max_abs_diff']:.2e})")
     return 0
@@ -295,6 +299,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     source.add_argument(
         "--untrained", action="store_true", help="random-init model (a sanity floor)"
+    )
+    p.add_argument(
+        "--name", help="folder under <run>/eval/ for this evaluation (default: the UTC time)"
     )
     p.set_defaults(func=_cmd_eval)
 

@@ -100,7 +100,10 @@ def train_and_score(
     run_dir = Path(cfg.run.output_dir) / cfg.run.name
     with open(log_path, "a", encoding="utf-8") as log:
         report = run_evaluation(
-            cfg, checkpoint=str(run_dir / "last.pt"), console=Console(file=log, width=132)
+            cfg,
+            checkpoint=str(run_dir / "last.pt"),
+            console=Console(file=log, width=132),
+            out_dir=run_dir / "eval" / "accuracy",
         )
     return {
         "cfg": cfg,

@@ -1,5 +1,11 @@
 """Typed, validated configuration: YAML with ``_base_`` inheritance plus dotted overrides."""
 
+from dist_reid.config.compare import (
+    RESUME_NEUTRAL_KEYS,
+    config_changes,
+    describe_changes,
+    plain_config,
+)
 from dist_reid.config.load import build_config, config_hash, load_config, save_config, to_yaml
 from dist_reid.config.schema import (
     DATASET_SETTINGS,
@@ -20,6 +26,7 @@ from dist_reid.config.schema import (
 __all__ = [
     "DATASETS",
     "DATASET_SETTINGS",
+    "RESUME_NEUTRAL_KEYS",
     "AugmentConfig",
     "ConfigError",
     "DataConfig",
@@ -32,8 +39,11 @@ __all__ = [
     "SyntheticConfig",
     "TrainConfig",
     "build_config",
+    "config_changes",
     "config_hash",
+    "describe_changes",
     "load_config",
+    "plain_config",
     "save_config",
     "to_yaml",
 ]

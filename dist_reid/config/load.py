@@ -5,7 +5,7 @@ from __future__ import annotations
 import difflib
 import hashlib
 import os
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -87,11 +87,18 @@ def build_config(
     schema: type[T],
     path: str | os.PathLike[str] | None = None,
     overrides: Sequence[str] = (),
+    *,
+    values: Mapping[str, Any] | None = None,
+    source: str = "config",
 ) -> T:
-    """Merge ``path`` (and its bases) and ``overrides`` onto ``schema``; return a frozen instance."""
+    """Merge ``values`` (plain nested values, e.g. a checkpoint's config, named ``source`` in
+    errors), ``path`` (and its bases) and ``overrides`` onto ``schema``, in that order; return
+    a frozen instance."""
     node = OmegaConf.structured(schema)
     OmegaConf.set_readonly(node, False)  # frozen dataclasses give read-only nodes; we merge first
     layers: list[tuple[str, DictConfig]] = []
+    if values is not None:
+        layers.append((source, OmegaConf.create(dict(values))))
     if path is not None:
         layers.append((str(path), _read_yaml(Path(path), ())))
     if overrides:

@@ -30,10 +30,36 @@ def load_rgb(path: str) -> Image.Image:
         raise ImageDecodeError(f"cannot decode image {path}: {exc}") from None
 
 
+def header_errors(paths: Sequence[str], limit: int = 3) -> tuple[list[str], int]:
+    """Open each file's header only (no pixels decoded: cheap enough for a whole test split)
+    and return up to ``limit`` ``"<path>: <reason>"`` lines and the number of bad files. A file
+    whose header reads but whose data is truncated is found only when decoded."""
+    bad: list[str] = []
+    count = 0
+    for path in paths:
+        try:
+            with Image.open(path):
+                continue
+        except FileNotFoundError:
+            reason = "not found"
+        except Image.DecompressionBombError as exc:
+            reason = str(exc)
+        except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
+            reason = str(exc).replace(f"{path!r}", "").replace(str(path), "").strip(" :") or (
+                type(exc).__name__
+            )
+        count += 1
+        if len(bad) < limit:
+            bad.append(f"{path}: {reason}")
+    return bad, count
+
+
 class RecordImageDataset(Dataset):
     """``dataset[i]`` -> (transformed image, i)."""
 
-    def __init__(self, records: Sequence[Record], transform: Callable[[Image.Image], torch.Tensor]) -> None:
+    def __init__(
+        self, records: Sequence[Record], transform: Callable[[Image.Image], torch.Tensor]
+    ) -> None:
         self.records = list(records)
         self.transform = transform
 

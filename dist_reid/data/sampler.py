@@ -25,7 +25,9 @@ SAMPLERS = ("modality_balanced", "identity_modality")
 REMAINDER = ("drop", "pad")
 
 
-def _group(pids: Sequence[int], modalities: Sequence[str]) -> dict[int, tuple[np.ndarray, np.ndarray]]:
+def _group(
+    pids: Sequence[int], modalities: Sequence[str]
+) -> dict[int, tuple[np.ndarray, np.ndarray]]:
     """identity -> (visible indices, infrared indices), identities having both modalities only."""
     if len(pids) != len(modalities):
         raise ValueError(f"pids ({len(pids)}) and modalities ({len(modalities)}) differ in length")
@@ -44,7 +46,9 @@ def _group(pids: Sequence[int], modalities: Sequence[str]) -> dict[int, tuple[np
     return by_identity
 
 
-def _check_shape(ids_per_batch: int, instances: int, num_replicas: int, rank: int, available: int) -> None:
+def _check_shape(
+    ids_per_batch: int, instances: int, num_replicas: int, rank: int, available: int
+) -> None:
     if ids_per_batch < 1 or instances < 1:
         raise ValueError(
             f"ids_per_batch ({ids_per_batch}) and instances_per_modality ({instances}) must be >= 1"
@@ -157,7 +161,9 @@ class ModalityBalancedSampler(_PlannedIdentitySampler):
             batch = []
             for slot in chosen:
                 visible, infrared = self._indices[slot]
-                batch.append((self.identities[slot], self._draw(rng, visible), self._draw(rng, infrared)))
+                batch.append(
+                    (self.identities[slot], self._draw(rng, visible), self._draw(rng, infrared))
+                )
             yield batch
 
 
@@ -249,6 +255,26 @@ class IdentityModalitySampler(_PlannedIdentitySampler):
 
 
 IdentitySampler = ModalityBalancedSampler | IdentityModalitySampler
+# Batch-local hard mining needs another identity on the same rank: with one per rank the
+# triplet loss has no negative and is silently zero (architecture decision 4: no all-gather).
+MIN_IDS_PER_RANK = 2
+
+
+def check_ids_per_rank(
+    ids_per_batch: int, num_replicas: int, minimum: int = MIN_IDS_PER_RANK
+) -> None:
+    """Refuse a global batch of ``ids_per_batch`` identities that leaves a rank fewer than
+    ``minimum``; the message says how to scale it with the world size. Needs no data, so a
+    caller can check before reading any."""
+    per_rank = ids_per_batch // max(num_replicas, 1)
+    if per_rank < minimum:
+        noun = "identity" if per_rank == 1 else "identities"
+        raise ValueError(
+            f"ids_per_batch={ids_per_batch} over world size {num_replicas} gives {per_rank} "
+            f"{noun} per rank: the triplet loss would have no negative (it needs another "
+            f"identity on the same rank); use >= {minimum} x world size = "
+            f"{minimum * num_replicas}, a multiple of the world size"
+        )
 
 
 def build_sampler(
@@ -263,13 +289,21 @@ def build_sampler(
     seed: int = 0,
     replacement: str = "when_short",
     remainder: str = "drop",
+    min_ids_per_rank: int = MIN_IDS_PER_RANK,
 ) -> IdentitySampler:
     """The sampler named by ``kind`` (``data.sampler``); ``replacement`` applies to
-    ``modality_balanced`` only, ``remainder`` to ``identity_modality`` only."""
+    ``modality_balanced`` only, ``remainder`` to ``identity_modality`` only. A training batch
+    needs ``min_ids_per_rank`` identities on every rank (see :func:`check_ids_per_rank`)."""
+    check_ids_per_rank(ids_per_batch, num_replicas, min_ids_per_rank)
     common = dict(num_replicas=num_replicas, rank=rank, seed=seed)
     if kind == "modality_balanced":
         return ModalityBalancedSampler(
-            pids, modalities, ids_per_batch, instances_per_modality, replacement=replacement, **common
+            pids,
+            modalities,
+            ids_per_batch,
+            instances_per_modality,
+            replacement=replacement,
+            **common,
         )
     if kind == "identity_modality":
         return IdentityModalitySampler(

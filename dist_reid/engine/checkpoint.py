@@ -96,10 +96,9 @@ def remove_stale_temporaries(folder: str | os.PathLike[str]) -> list[Path]:
     return removed
 
 
-def load_checkpoint(path: str | os.PathLike[str], *, resume: bool = False) -> dict[str, Any]:
-    """Read a checkpoint safely (``weights_only=True``). ``resume=True`` also requires the
-    whole training state, so a weights-only ``best.pt`` is refused with a pointer to
-    ``last.pt``. Every failure is one ``CheckpointError`` line naming the file."""
+def read_model_file(path: str | os.PathLike[str]) -> dict[str, Any]:
+    """A checkpoint or a plain state dict, read safely (``weights_only=True``); every failure is
+    one ``CheckpointError`` line naming the file."""
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"checkpoint {path} does not exist")
@@ -118,6 +117,17 @@ def load_checkpoint(path: str | os.PathLike[str], *, resume: bool = False) -> di
         raise CheckpointError(
             f"checkpoint {path} is unreadable (truncated or corrupt): {first}"
         ) from None
+    if not isinstance(state, dict):
+        raise CheckpointError(f"checkpoint {path} holds no dict of tensors ({type(state).__name__})")
+    return state
+
+
+def load_checkpoint(path: str | os.PathLike[str], *, resume: bool = False) -> dict[str, Any]:
+    """Read a checkpoint safely (``weights_only=True``). ``resume=True`` also requires the
+    whole training state, so a weights-only ``best.pt`` is refused with a pointer to
+    ``last.pt``. Every failure is one ``CheckpointError`` line naming the file."""
+    path = Path(path)
+    state = read_model_file(path)
     if not isinstance(state, dict) or "model" not in state or "progress" not in state:
         raise CheckpointError(f"checkpoint {path} is not a dist-reid training checkpoint")
     if resume:

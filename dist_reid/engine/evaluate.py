@@ -19,6 +19,7 @@ from dist_reid.config import ExperimentConfig, save_config
 from dist_reid.data.datasets import VIReIDDataset
 from dist_reid.data.records import Record
 from dist_reid.engine.cpu_threads import configure_threads
+from dist_reid.engine.trained import evaluation_dir, load_trained_model
 from dist_reid.evaluation.features import FeatureCache, extract_features
 from dist_reid.evaluation.protocols import (
     METRIC_NAMES,
@@ -29,7 +30,6 @@ from dist_reid.evaluation.protocols import (
     run_protocol,
 )
 from dist_reid.evaluation.rerank import average_query_expansion, k_reciprocal_rerank
-from dist_reid.models.backbones import load_model_weights
 
 log = logging.getLogger(__name__)
 
@@ -41,9 +41,10 @@ def model_features(
     console: Console,
     num_classes: int,
 ) -> FeatureCache:
-    model = build_model(cfg, num_classes, pretrained=False)  # checkpoint or untrained
     if checkpoint is not None:
-        load_model_weights(model, checkpoint)
+        model = load_trained_model(checkpoint, cfg, num_classes)
+    else:
+        model = build_model(cfg, num_classes, pretrained=False)  # an untrained floor
     transform = plan.transform()
     configure_threads()  # one process: every usable core (or OMP_NUM_THREADS)
 
@@ -150,8 +151,11 @@ def run_evaluation(
     features: str | None = None,
     untrained: bool = False,
     console: Console | None = None,
+    out_dir: str | Path | None = None,
 ) -> ProtocolReport:
-    """Run the dataset's full protocol and write config, metrics JSON and table to the run dir.
+    """Run the dataset's full protocol and write config, metrics JSON and table to ``out_dir``
+    (default: a new ``<run>/eval/<UTC time>/``, see :func:`evaluation_dir`; a training run's
+    own files are never rewritten).
 
     Exactly one feature source: a checkpoint, a saved features file, or ``untrained`` (a model
     with random weights, asked for explicitly: the reference silently evaluates an untrained
@@ -161,7 +165,7 @@ def run_evaluation(
     console = console or Console(width=None if sys.stdout.isatty() else 132)
     if sum(x is not None and x is not False for x in (checkpoint, features, untrained)) != 1:
         raise ValueError("give exactly one of --checkpoint, --features or --untrained")
-    out_dir = Path(cfg.run.output_dir) / cfg.run.name
+    out_dir = Path(out_dir) if out_dir is not None else evaluation_dir(checkpoint, cfg)
     save_config(cfg, out_dir)
     dataset = build_dataset(cfg)
     console.print(

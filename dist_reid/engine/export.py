@@ -11,7 +11,7 @@ import torch
 
 from dist_reid.builders import build_dataset, build_model
 from dist_reid.config import ExperimentConfig
-from dist_reid.models.backbones import load_model_weights
+from dist_reid.engine.trained import load_trained_model
 from dist_reid.models.export import EmbeddingModule
 
 log = logging.getLogger(__name__)
@@ -36,9 +36,10 @@ def export_onnx(
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     dataset = build_dataset(cfg)
-    model = build_model(cfg, dataset.num_train_ids, pretrained=False)  # checkpoint next
     if checkpoint:
-        load_model_weights(model, checkpoint)
+        model = load_trained_model(checkpoint, cfg, dataset.num_train_ids)
+    else:
+        model = build_model(cfg, dataset.num_train_ids, pretrained=False)  # untrained
     model.eval()
     shape = (3, cfg.data.height, cfg.data.width)
     generator = torch.Generator().manual_seed(cfg.run.seed)

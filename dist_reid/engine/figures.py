@@ -11,9 +11,9 @@ import torch
 from dist_reid.builders import build_dataset, build_model, evaluation_plan
 from dist_reid.config import ExperimentConfig
 from dist_reid.data.images import load_rgb
+from dist_reid.engine.trained import load_trained_model
 from dist_reid.evaluation.features import extract_features
 from dist_reid.evaluation.protocols import cosine_distance
-from dist_reid.models.backbones import load_model_weights
 from dist_reid.viz.plots import (
     grad_cam,
     plot_attention,
@@ -36,9 +36,10 @@ def model_figures(
     """Distance histogram, t-SNE, ranked galleries and Grad-CAM of one trial of the protocol."""
     out = Path(out_dir)
     dataset = build_dataset(cfg)
-    model = build_model(cfg, dataset.num_train_ids, pretrained=False)  # checkpoint next
     if checkpoint:
-        load_model_weights(model, checkpoint)
+        model = load_trained_model(checkpoint, cfg, dataset.num_train_ids)
+    else:
+        model = build_model(cfg, dataset.num_train_ids, pretrained=False)  # untrained
     plan = evaluation_plan(cfg, dataset)
     transform = plan.transform()
     setting = plan.settings[0]

@@ -21,7 +21,8 @@ _OVERRIDE = re.compile(r"^[A-Za-z_][\w.\[\]-]*=")
 
 
 def add_resume_arguments(parser: argparse.ArgumentParser) -> None:
-    """``--resume`` (a flag) and ``--resume-from PATH``, shared with ``dist-reid train``."""
+    """``--resume`` (a flag), ``--resume-from PATH`` and ``--allow-config-change``, shared with
+    ``dist-reid train``."""
     parser.add_argument(
         "--resume",
         action="store_true",
@@ -32,6 +33,13 @@ def add_resume_arguments(parser: argparse.ArgumentParser) -> None:
         metavar="PATH",
         help="continue this checkpoint; with --resume, only while <run dir>/last.pt does not "
         "exist yet (a requeued job continues its own progress)",
+    )
+    parser.add_argument(
+        "--allow-config-change",
+        action="store_true",
+        help="resume even though the config changes what is trained (e.g. train.lr): the new "
+        "values replace the checkpoint's (lr groups, epochs, schedule); both configs are kept "
+        "in the run folder. Without it such a resume is refused, listing the changed keys",
     )
 
 
@@ -96,7 +104,6 @@ def train_main(argv: Sequence[str] | None = None) -> int:
     if note and rank_zero():
         print(f"train: warning: {note}", file=sys.stderr)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    configure_threads(announce=rank_zero())  # cores / local processes, or OMP_NUM_THREADS
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     cfg = load_config(args.config, args.overrides)
     own = Path(cfg.run.output_dir) / cfg.run.name / "last.pt"
@@ -105,6 +112,8 @@ def train_main(argv: Sequence[str] | None = None) -> int:
     if args.resume_from and not Path(args.resume_from).is_file():  # before any data is built
         raise CheckpointError(f"checkpoint {args.resume_from} does not exist (--resume-from)")
     try:
+        # after the argument checks, so a bad command line stays one line on stderr
+        configure_threads(announce=rank_zero())  # cores / local processes, or OMP_NUM_THREADS
         trainer = Trainer(cfg)  # checks model.pretrained before reading any data
     except WeightsUnavailableError as exc:
         print(f"train: error: {exc}", file=sys.stderr)
@@ -112,7 +121,9 @@ def train_main(argv: Sequence[str] | None = None) -> int:
     resume = args.resume_from
     if args.resume and (trainer.run_dir / "last.pt").is_file():
         resume = trainer.run_dir / "last.pt"
-    result = trainer.fit(Path(resume) if resume else None)
+    result = trainer.fit(
+        Path(resume) if resume else None, allow_config_change=args.allow_config_change
+    )
     if trainer.backend.is_main and "last_epoch" in result:
         print(f"final: {result['last_epoch']}")
     return 0

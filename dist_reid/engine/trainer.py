@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import logging
+import shutil
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -26,10 +27,20 @@ from dist_reid.builders import (
     evaluation_plan,
     schedule_options,
 )
-from dist_reid.config import ConfigError, ExperimentConfig, config_hash, save_config
+from dist_reid.config import (
+    ConfigError,
+    ExperimentConfig,
+    config_changes,
+    config_hash,
+    describe_changes,
+    load_config,
+    plain_config,
+    save_config,
+)
+from dist_reid.data.images import ImageDecodeError, header_errors
 from dist_reid.data.pipeline import build_train_pipeline
 from dist_reid.data.records import Record
-from dist_reid.data.sampler import build_sampler
+from dist_reid.data.sampler import build_sampler, check_ids_per_rank
 from dist_reid.engine.backends import (
     TrainingBackend,
     create_backend,
@@ -46,6 +57,7 @@ from dist_reid.engine.checkpoint import (
 )
 from dist_reid.engine.fused import make_optimizer, maybe_sync_batchnorm
 from dist_reid.engine.preemption import Preempted, PreemptionHandler, inject_fault
+from dist_reid.engine.runlock import RunFolderLocked, acquire_run_lock, release_run_lock
 from dist_reid.engine.schedules import lr_lambdas
 from dist_reid.evaluation.features import FeatureCache, extract_features
 from dist_reid.evaluation.protocols import run_protocol
@@ -82,13 +94,29 @@ class Trainer:
             init_timeout_s=t.dist_init_timeout_s,
         )
         b = self.backend
+        try:  # the batch shape needs only the world size: refused before any data is read
+            check_ids_per_rank(t.ids_per_batch, b.world_size)
+        except ValueError as exc:
+            raise ConfigError(f"train.ids_per_batch: {exc}") from None
         check_pretrained(cfg, warn=b.is_main)  # offline without cached weights: fail before data
         torch.manual_seed(cfg.run.seed)  # identical initial weights on every rank
         self.run_dir = Path(cfg.run.output_dir) / cfg.run.name
+        self._locked = False
+        # One run per run folder: rank 0 locks it for the run's lifetime (released by finish()
+        # or by its death); every rank learns the answer before any data is read.
+        refusal = None
+        if b.is_main:
+            try:
+                acquire_run_lock(self.run_dir)
+                self._locked = True
+            except RunFolderLocked as exc:
+                refusal = str(exc)
+        refusal = b.broadcast_object(refusal)
+        if refusal is not None:
+            raise RunFolderLocked(refusal)
         with main_process_first(b):
             self.dataset = build_dataset(cfg, generate_missing=b.is_main)
         if b.is_main:
-            save_config(cfg, self.run_dir)
             remove_stale_temporaries(self.run_dir)  # left by a run killed mid-checkpoint
         self.labels = self.dataset.train_labels()
         self.plan = evaluation_plan(cfg, self.dataset)  # what every evaluation of the run scores
@@ -159,6 +187,10 @@ class Trainer:
 
             self.writer = SummaryWriter(str(self.run_dir / "tensorboard"))
         self._test_records: list[Record] | None = None
+        self.last_report: tuple[int, Any] | None = None  # (epoch, ProtocolReport), rank 0
+        # set by load() when --allow-config-change applied new values: the checkpoint's config
+        self._replaced_config: dict[str, Any] | None = None
+        self._config_replaced = False
         self.last_checkpoint: tuple[Path, int] | None = None  # (path, global step): NaN guard
 
     # -- setup -----------------------------------------------------------------------------
@@ -205,6 +237,8 @@ class Trainer:
             "rng": self.backend.all_gather_object(rng_state()),
             "history": json.dumps(self.history),
             "config_hash": config_hash(self.cfg),
+            "config": plain_config(self.cfg),  # what a resume compares, key by key
+            "num_classes": len(self.labels),  # rebuilds the model from the file alone
             "world_size": self.backend.world_size,
         }
 
@@ -217,15 +251,70 @@ class Trainer:
         self.last_checkpoint = (self.run_dir / name, self.global_step)
         return path
 
-    def load(self, path: str | Path) -> None:
-        state = load_checkpoint(path, resume=True)
-        if state["config_hash"] != config_hash(self.cfg):
-            log.warning(
-                "resuming %s with a different config (hash %s, now %s)",
-                path,
-                state["config_hash"],
-                config_hash(self.cfg),
+    def _checkpoint_config(self, path: Path, state: dict[str, Any]) -> dict[str, Any] | None:
+        """The config ``state`` was trained with: stored in it, or (a checkpoint of an older
+        version) the ``config.yaml`` beside it when that matches its hash; else None."""
+        if "config" in state:
+            return state["config"]
+        beside = path.parent / "config.yaml"
+        try:
+            written = load_config(beside)
+        except (ConfigError, OSError):
+            return None
+        return plain_config(written) if config_hash(written) == state["config_hash"] else None
+
+    def _check_config(
+        self, path: Path, state: dict[str, Any], allow_change: bool
+    ) -> list[tuple[str, Any, Any]] | None:
+        """The changes that matter between the checkpoint's config and ours (``None``: unknown,
+        only the hashes differ); refused unless ``allow_change``."""
+        old = self._checkpoint_config(path, state)
+        if old is not None:
+            changes = config_changes(old, plain_config(self.cfg))
+            if changes and not allow_change:
+                raise ConfigError(
+                    f"checkpoint {path} was trained with a different config: "
+                    f"{describe_changes(changes)}; resuming would mix the two (the optimiser "
+                    "state brings back the old values): resume with the old values, or pass "
+                    "--allow-config-change to apply the new ones"
+                )
+            self._replaced_config = old
+            return changes
+        if state["config_hash"] == config_hash(self.cfg):
+            return []
+        if not allow_change:
+            raise ConfigError(
+                f"checkpoint {path} stores no config (an older version wrote it) and its config "
+                f"hash {state['config_hash']} differs from this config's {config_hash(self.cfg)}: "
+                "resume with the config it was trained with, or pass --allow-config-change to "
+                "apply this one"
             )
+        return None
+
+    def _apply_config(self, fresh: list[dict[str, Any]]) -> None:
+        """After loading the optimiser and scheduler state, put back what this config says:
+        each group's hyper-parameters (weight decay, momentum, ...) and base lr (train.lr x its
+        multiplier), the schedule's base lrs, and the lr the schedule gives at this epoch. The
+        schedule's shape already is this config's (its functions are never stored)."""
+        scheduler = self.scheduler
+        groups = self.optimizer.param_groups
+        for group, new, factor in zip(groups, fresh, scheduler.lr_lambdas, strict=True):
+            group.update({key: value for key, value in new.items() if key != "lr"})
+            group["lr"] = new["initial_lr"] * factor(scheduler.last_epoch)
+        scheduler.base_lrs = [new["initial_lr"] for new in fresh]
+        scheduler._last_lr = [group["lr"] for group in groups]
+
+    def load(self, path: str | Path, allow_config_change: bool = False) -> None:
+        """Restore a ``last.pt``. Its stored config is compared with ours (the keys of
+        :data:`~dist_reid.config.RESUME_NEUTRAL_KEYS` aside): a difference is refused unless
+        ``allow_config_change``, which applies our values over the restored optimiser state."""
+        path = Path(path)
+        state = load_checkpoint(path, resume=True)
+        changes = self._check_config(path, state, allow_config_change)
+        fresh = [
+            {key: value for key, value in group.items() if key != "params"}
+            for group in self.optimizer.param_groups
+        ]
         self.backend.unwrap(self.model).load_state_dict(state["model"])
         try:
             self.optimizer.load_state_dict(state["optimizer"])
@@ -243,17 +332,53 @@ class Trainer:
         self.last_checkpoint = (Path(path), self.global_step)
         if state["world_size"] == self.backend.world_size:
             set_rng_state(state["rng"][self.backend.rank])
+        if changes != []:  # changed (or unknown) and allowed: this config's values win
+            self._apply_config(fresh)
+            self._config_replaced = True
+            applied = {g.get("name", i): g["lr"] for i, g in enumerate(self.optimizer.param_groups)}
+            log.warning(
+                "resuming %s with a changed config (--allow-config-change): %s; lr per group now %s",
+                path,
+                describe_changes(changes)
+                if changes
+                else f"unknown changes (config hash {state['config_hash']} -> "
+                f"{config_hash(self.cfg)})",
+                applied,
+            )
 
     # -- evaluation ------------------------------------------------------------------------
+    def _test_set(self) -> list[Record]:
+        """Every test image the evaluation reads, without duplicates (computed once)."""
+        if self._test_records is None:
+            self._test_records = self.plan.records(self.dataset)
+        return self._test_records
+
+    def _shard(self, records: list[Record]) -> list[Record]:
+        """This rank's contiguous, unpadded share of ``records``."""
+        b = self.backend
+        bounds = np.linspace(0, len(records), b.world_size + 1).astype(int)
+        return records[bounds[b.rank] : bounds[b.rank + 1]]
+
+    def check_test_images(self) -> None:
+        """Open the header of every test image the evaluation will read (each rank a share),
+        so a corrupt file is refused before training, not found after a whole epoch."""
+        found = self.backend.all_gather_object(
+            header_errors([r.path for r in self._shard(self._test_set())])
+        )
+        count = sum(n for _, n in found)
+        if count:
+            first = "; ".join(line for lines, _ in found for line in lines[:3])
+            raise ImageDecodeError(
+                f"test split: {count} unreadable image(s), refused before training: {first} "
+                "(replace or restore them; data.skip_corrupt covers training images only)"
+            )
+
     def evaluate(self) -> dict[str, Any]:
         """Features of exactly the test set, one contiguous unpadded shard per rank, gathered;
         rank 0 scores the protocol and broadcasts it, so all ranks leave together."""
         b, plan = self.backend, self.plan
-        if self._test_records is None:
-            self._test_records = plan.records(self.dataset)
-        records = self._test_records
-        bounds = np.linspace(0, len(records), b.world_size + 1).astype(int)
-        shard = records[bounds[b.rank] : bounds[b.rank + 1]]
+        records = self._test_set()
+        shard = self._shard(records)
         b.sync_buffers(self.model)
         model = b.unwrap(self.model)
         feats = None
@@ -280,6 +405,7 @@ class Trainer:
                 **plan.split_options,
             )
             summary = {s.setting: s.mean() for s in report.settings}
+            self.last_report = (self.epoch - 1, report)  # metrics.json at the end of the run
         with b.waiting_on_rank_zero():  # rank 0 alone scores the protocol meanwhile
             summary = b.broadcast_object(summary)
         self.model.train()
@@ -325,27 +451,55 @@ class Trainer:
         path, step = self.last_checkpoint
         return f"the last {'good ' if good else ''}checkpoint is {path} (global step {step})"
 
-    def fit(self, resume: str | Path | None = None) -> dict[str, Any]:
-        """Train to ``train.epochs``. A collective that times out or loses a peer (hung, stopped
-        or dead rank) ends the run with one line naming the last checkpoint (SystemExit, 1)."""
+    def _record_config(self) -> None:
+        """``config.yaml`` = this run's config, written once a resume accepted it; a config
+        replaced by ``--allow-config-change`` is kept as ``config.previous-<UTC time>.yaml``."""
+        if not self.backend.is_main:
+            return
+        if self._config_replaced:
+            name = f"config.previous-{time.strftime('%Y%m%dT%H%M%SZ', time.gmtime())}.yaml"
+            current = self.run_dir / "config.yaml"
+            if self._replaced_config is not None:
+                save_config(self._replaced_config, self.run_dir, name)
+            elif current.is_file():  # an older checkpoint: the config written at its start
+                shutil.copyfile(current, self.run_dir / name)
+        save_config(self.cfg, self.run_dir)
+
+    def fit(
+        self, resume: str | Path | None = None, allow_config_change: bool = False
+    ) -> dict[str, Any]:
+        """Train to ``train.epochs`` (or ``train.max_steps``), from ``resume`` if given; a
+        resume with a config that changes what is trained is refused unless
+        ``allow_config_change`` (see :meth:`load`). A collective that times out or loses a peer
+        (hung, stopped or dead rank) ends the run with one line naming the last checkpoint
+        (SystemExit, 1)."""
         try:
-            return self._fit(resume)
+            return self._fit(resume, allow_config_change)
         except RuntimeError as exc:
             line = peer_failure(exc, self.backend)
             if line is None:
                 raise
             raise SystemExit(f"{line}; {self.describe_last_checkpoint()}") from None
 
-    def _fit(self, resume: str | Path | None) -> dict[str, Any]:
+    def _fit(self, resume: str | Path | None, allow_config_change: bool) -> dict[str, Any]:
         b, t = self.backend, self.cfg.train
         if resume is not None:
-            self.load(resume)
+            self.load(resume, allow_config_change=allow_config_change)
             log.info("resumed from %s at epoch %d step %d", resume, self.epoch, self.cursor)
+        self._record_config()
+        pending = self._evaluation_pending()
+        if pending or self.epoch < t.epochs:
+            self.check_test_images()
         self.model.train()
         # SIGUSR1/SIGTERM: checkpoint, exit 75; no checkpoint within the grace period: exit 1
         self.preemption = PreemptionHandler(
             grace_s=t.preempt_grace_s, describe_last=self.describe_last_checkpoint
         ).install()
+        if pending:  # the previous run saved this epoch, then failed in its evaluation
+            log.info("evaluating epoch %d, saved before its evaluation failed", self.epoch - 1)
+            self._evaluate_epoch(self.history[-1])
+            for callback in self.callbacks:
+                callback(self, self.history[-1])
         stopped = False
         while self.epoch < t.epochs and not stopped:
             self.pipeline.set_epoch(self.epoch)
@@ -393,25 +547,48 @@ class Trainer:
             self.epoch += 1
             self.cursor = 0
             record: dict[str, Any] = {"epoch": self.epoch - 1, "seconds": seconds}
-            if self.epoch == t.epochs or (t.eval_every and self.epoch % t.eval_every == 0):
-                record["metrics"] = self.evaluate()
-                for setting, values in record["metrics"].items():
-                    self._log(
-                        {f"eval/{setting}/{k}": v for k, v in values.items()}, self.global_step
-                    )
             self.history.append(record)
-            self.save("last.pt")
-            if "metrics" in record and self._is_best(record) and b.is_main:
-                save_checkpoint(self.state_dict_light(), self.run_dir / "best.pt")
+            self.save("last.pt")  # before evaluating: a crash there never loses the epoch
+            if self._evaluation_due():
+                self._evaluate_epoch(record)
             for callback in self.callbacks:
                 callback(self, record)
         return self.finish()
+
+    def _evaluation_due(self) -> bool:
+        """Whether the epoch just finished (``self.epoch`` done) is evaluated: every
+        ``eval_every`` epochs and always the last."""
+        t = self.cfg.train
+        return self.epoch == t.epochs or bool(t.eval_every and self.epoch % t.eval_every == 0)
+
+    def _evaluation_pending(self) -> bool:
+        """A finished epoch that was due for evaluation but has no metrics (its last.pt is
+        written before evaluating, so a crash there leaves exactly this)."""
+        return (
+            self.cursor == 0
+            and bool(self.history)
+            and self.history[-1]["epoch"] == self.epoch - 1
+            and "metrics" not in self.history[-1]
+            and self._evaluation_due()
+        )
+
+    def _evaluate_epoch(self, record: dict[str, Any]) -> None:
+        """Evaluate, then save ``last.pt`` again with the metrics in its history (and
+        ``best.pt`` when this epoch scores best)."""
+        record["metrics"] = self.evaluate()
+        for setting, values in record["metrics"].items():
+            self._log({f"eval/{setting}/{k}": v for k, v in values.items()}, self.global_step)
+        self.save("last.pt")
+        if self._is_best(record) and self.backend.is_main:
+            save_checkpoint(self.state_dict_light(), self.run_dir / "best.pt")
 
     def state_dict_light(self) -> dict[str, Any]:
         """Best-epoch weights (with progress, so it is a valid checkpoint to evaluate)."""
         return {
             "model": self.backend.unwrap(self.model).state_dict(),
             "progress": {"epoch": self.epoch},
+            "config": plain_config(self.cfg),
+            "num_classes": len(self.labels),
         }
 
     def _is_best(self, record: dict[str, Any]) -> bool:
@@ -437,6 +614,16 @@ class Trainer:
             }
         if self.backend.is_main:
             (self.run_dir / "final_metrics.json").write_text(json.dumps(result, indent=2))
+            if self.last_report is not None:  # the full protocol of the last evaluated epoch
+                epoch, report = self.last_report
+                payload = {"epoch": epoch, **report.to_dict()}
+                (self.run_dir / "metrics.json").write_text(json.dumps(payload, indent=2))
+                (self.run_dir / "metrics.md").write_text(
+                    f"Epoch {epoch}, mean ± std over trials (%):\n\n{report.to_markdown()}\n"
+                )
         if self.writer is not None:
             self.writer.flush()
+        if self._locked:
+            release_run_lock(self.run_dir)
+            self._locked = False
         return result

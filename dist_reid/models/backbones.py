@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
 import timm
 import torch
@@ -66,12 +68,33 @@ def load_model_weights(model: nn.Module, path: str | os.PathLike[str]) -> nn.Mod
     )
     if isinstance(state, dict) and isinstance(state.get("model"), dict):
         state = state["model"]
-    try:
-        model.load_state_dict(state)
-    except (RuntimeError, TypeError, AttributeError) as exc:
-        first = str(exc).splitlines()[0]
-        raise ValueError(f"checkpoint {path} does not fit the configured model: {first}") from None
+    if not isinstance(state, dict):
+        raise ValueError(f"checkpoint {path} holds no state dict ({type(state).__name__})")
+    problem = state_dict_mismatch(model.state_dict(), state)
+    if problem:
+        raise ValueError(f"checkpoint {path} does not fit the configured model: {problem}")
+    model.load_state_dict(state)
     return model
+
+
+def state_dict_mismatch(
+    expected: Mapping[str, torch.Tensor], given: Mapping[str, Any], show: int = 3
+) -> str:
+    """One readable line on how ``given`` differs from ``expected`` (empty when it fits): the
+    first few missing, unexpected and differently shaped keys, with counts."""
+    missing = [k for k in expected if k not in given]
+    unexpected = [k for k in given if k not in expected]
+    shapes = [
+        f"{k} {tuple(given[k].shape)} vs {tuple(v.shape)}"
+        for k, v in expected.items()
+        if k in given and hasattr(given[k], "shape") and tuple(given[k].shape) != tuple(v.shape)
+    ]
+    parts = []
+    for label, keys in (("missing", missing), ("unexpected", unexpected), ("shape", shapes)):
+        if keys:
+            more = f" (+{len(keys) - show} more)" if len(keys) > show else ""
+            parts.append(f"{len(keys)} {label}: {', '.join(keys[:show])}{more}")
+    return "; ".join(parts)
 
 
 def create_backbone(name: str, pretrained: str | os.PathLike[str] | None = None) -> nn.Module:
@@ -86,7 +109,10 @@ def create_backbone(name: str, pretrained: str | os.PathLike[str] | None = None)
 
 
 class PooledBackbone(nn.Module):
-    """A backbone used as it is: the pooled feature is the embedding, for every modality."""
+    """A backbone used as it is: the pooled feature is the embedding, for every modality.
+    For evaluation only (no training outputs or lr groups: ``check_method`` refuses to train it)."""
+
+    batch_fields: tuple[str, ...] = ()
 
     def __init__(self, backbone: str = "resnet50", pretrained: str | None = None) -> None:
         super().__init__()

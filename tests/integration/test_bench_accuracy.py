@@ -86,9 +86,11 @@ def test_tiny_run_writes_rows_and_the_evaluators_chance(synthetic_trees, tmp_pat
         for name in ("R1", "mAP", "mINP"):
             assert 0 <= row[name] <= 100 and 0 < row[f"{name}_chance"] <= 100
     assert payload["machine"]["torch"] and payload["budget"]["processes"] == 2
-    # The trained figures are the evaluator's report of the run (metrics.json in its run dir).
+    # The trained figures are the evaluator's report of the run (its eval/accuracy folder).
     run = payload["runs"]["sysu_agw"]
-    metrics = json.loads((tmp_path / "accuracy_runs/sysu_agw/metrics.json").read_text())
+    metrics = json.loads(
+        (tmp_path / "accuracy_runs/sysu_agw/eval/accuracy/metrics.json").read_text()
+    )
     assert run["report"] == metrics
     assert rows[0]["R1"] == metrics["settings"]["all"]["mean"]["R1"]
 

@@ -108,7 +108,9 @@ def test_a_pickled_object_in_a_checkpoint_is_refused_and_never_runs(tmp_path):
 
 
 def test_eval_checkpoint_loading_refuses_pickles_and_empty_files_in_one_line(tmp_path):
-    """``--checkpoint`` of eval/extract/export/plot reads through ``load_model_weights``."""
+    """``--checkpoint`` of eval/extract/export/plot reads through ``checkpoint_config`` and
+    ``load_trained_model`` (and the library's ``load_model_weights``): safe, one line."""
+    from dist_reid.engine.trained import checkpoint_config
     from dist_reid.models.backbones import load_model_weights
 
     marker = tmp_path / "ran"
@@ -118,6 +120,10 @@ def test_eval_checkpoint_loading_refuses_pickles_and_empty_files_in_one_line(tmp
     for path, reason in ((pickled, "refused"), (empty, "empty")):
         with pytest.raises(ValueError) as excinfo:
             load_model_weights(torch.nn.Linear(2, 2), path)
+        message = str(excinfo.value)
+        assert "\n" not in message and str(path) in message and reason in message, message
+        with pytest.raises(CheckpointError) as excinfo:
+            checkpoint_config(path)
         message = str(excinfo.value)
         assert "\n" not in message and str(path) in message and reason in message, message
     assert not marker.exists()
@@ -150,9 +156,7 @@ def test_deepspeed_resume_refuses_pickled_partition_bytes(synthetic_trees, tmp_p
     # what the backend writes now: tensors and plain containers, no byte blobs
     parts = state["optimizer"]["deepspeed_zero_partitions"]
     assert len(parts) == 1 and isinstance(parts[0], dict)
-    assert not any(
-        isinstance(t, torch.Tensor) and t.dtype == torch.uint8 for t in _leaves(parts)
-    )
+    assert not any(isinstance(t, torch.Tensor) and t.dtype == torch.uint8 for t in _leaves(parts))
 
     marker = tmp_path / "payload-ran"
     blob = pickle.dumps(_Payload(marker))

@@ -55,12 +55,14 @@ def test_eval_untrained_writes_config_metrics_and_chance(sysu_root, tmp_path, ca
                 "-c",
                 "configs/datasets/sysu.yaml",
                 "--untrained",
+                "--name",
+                "e",
                 *_overrides(sysu_root, tmp_path, "u"),
             ]
         )
         == 0
     )
-    run = tmp_path / "u"
+    run = tmp_path / "u" / "eval" / "e"  # an evaluation never writes into the run's own files
     assert "root: " + str(sysu_root) in (run / "config.yaml").read_text()
     metrics = json.loads((run / "metrics.json").read_text())
     assert set(metrics["settings"]) == {"all", "indoor"}
@@ -83,6 +85,8 @@ def test_saved_features_give_the_same_numbers_as_the_checkpoint(sysu_root, tmp_p
                 *common,
                 "--checkpoint",
                 str(weights),
+                "--name",
+                "e",
                 *_overrides(sysu_root, tmp_path, "ckpt"),
             ]
         )
@@ -104,11 +108,21 @@ def test_saved_features_give_the_same_numbers_as_the_checkpoint(sysu_root, tmp_p
         == 0
     )
     assert (
-        main(["eval", *common, "--features", str(feats), *_overrides(sysu_root, tmp_path, "feat")])
+        main(
+            [
+                "eval",
+                *common,
+                "--features",
+                str(feats),
+                "--name",
+                "e",
+                *_overrides(sysu_root, tmp_path, "feat"),
+            ]
+        )
         == 0
     )
-    a = json.loads((tmp_path / "ckpt" / "metrics.json").read_text())["settings"]
-    b = json.loads((tmp_path / "feat" / "metrics.json").read_text())["settings"]
+    a = json.loads((tmp_path / "ckpt/eval/e/metrics.json").read_text())["settings"]
+    b = json.loads((tmp_path / "feat/eval/e/metrics.json").read_text())["settings"]
     for setting in a:
         for row_a, row_b in zip(a[setting]["per_trial"], b[setting]["per_trial"], strict=True):
             assert row_a == pytest.approx(row_b, abs=1e-6)
@@ -178,8 +192,9 @@ def test_rerank_and_query_expansion_are_reported_apart(sysu_root, tmp_path):
         "eval.query_expansion=2",
         "eval.rerank_k1=5",
     ]
-    assert main(["eval", "-c", "configs/datasets/sysu.yaml", "--untrained", *overrides]) == 0
-    metrics = json.loads((tmp_path / "rr" / "metrics.json").read_text())
+    command = ["eval", "-c", "configs/datasets/sysu.yaml", "--untrained", "--name", "e"]
+    assert main([*command, *overrides]) == 0
+    metrics = json.loads((tmp_path / "rr/eval/e/metrics.json").read_text())
     assert set(metrics["settings"]) == {"all", "indoor"}  # plain numbers untouched
     post = metrics["post_processed"]["settings"]
     assert set(post) == {"all+qe+rerank", "indoor+qe+rerank"}

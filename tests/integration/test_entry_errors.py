@@ -94,8 +94,9 @@ def test_dist_reid_train_resume_then_override_trains_the_named_run(synthetic_tre
     # --resume with --resume-from (train.sbatch always adds --resume): the run's own last.pt
     # wins once it exists, so the PATH given at the first submission may even be gone by then
     gone = str(tmp_path / "gone.pt")
+    # (two epochs instead of one: a change of what is trained, applied explicitly)
     again = [*common, "run.name=b", "train.epochs=2", "train.max_steps=2"]
-    assert main([*again, "--resume", "--resume-from", gone]) == 0
+    assert main([*again, "--resume", "--resume-from", gone, "--allow-config-change"]) == 0
     assert load_checkpoint(tmp_path / "b" / "last.pt")["progress"]["global_step"] == 2
     assert main([*common, "run.name=c", "--resume", "--resume-from", gone]) == 2
 
@@ -148,20 +149,23 @@ def test_nan_guard_is_one_line_exit_2_naming_the_term_and_last_checkpoint(
     build_loss = trainer_module.build_loss
     poisoned_term = []
 
-    def poisoned(cfg):
-        loss = build_loss(cfg)
+    def poisoned(cfg, **kwargs):
+        loss = build_loss(cfg, **kwargs)
         calls = {"n": 0}
 
-        def forward(outputs, labels, modalities):
-            terms = dict(loss(outputs, labels, modalities))
-            calls["n"] += 1
-            if calls["n"] == 3:  # the third step: two steps done, one checkpointed
-                name = next(iter(terms))
-                poisoned_term.append(name)
-                terms[name] = terms[name] * torch.tensor(float("nan"))
-            return terms
+        class Poisoned:  # the loss contract: required_outputs and a call
+            required_outputs = loss.required_outputs
 
-        return forward
+            def __call__(self, outputs, labels, modalities):
+                terms = dict(loss(outputs, labels, modalities))
+                calls["n"] += 1
+                if calls["n"] == 3:  # the third step: two steps done, one checkpointed
+                    name = next(iter(terms))
+                    poisoned_term.append(name)
+                    terms[name] = terms[name] * torch.tensor(float("nan"))
+                return terms
+
+        return Poisoned()
 
     monkeypatch.setattr(trainer_module, "build_loss", poisoned)
     root, _ = synthetic_trees["sysu"]

@@ -87,7 +87,12 @@ def test_resume_continues_exactly(synthetic_trees, tmp_path, keys):
         load_config(
             CONFIG,
             tiny(
-                root, tmp_path, "split", "train.max_steps=4", "data.augment.random_erasing=0.5", *keys
+                root,
+                tmp_path,
+                "split",
+                "train.max_steps=4",
+                "data.augment.random_erasing=0.5",
+                *keys,
             ),
         )
     )
@@ -97,7 +102,12 @@ def test_resume_continues_exactly(synthetic_trees, tmp_path, keys):
         load_config(
             CONFIG,
             tiny(
-                root, tmp_path, "split", "train.max_steps=8", "data.augment.random_erasing=0.5", *keys
+                root,
+                tmp_path,
+                "split",
+                "train.max_steps=8",
+                "data.augment.random_erasing=0.5",
+                *keys,
             ),
         )
     )
