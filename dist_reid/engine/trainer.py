@@ -65,6 +65,8 @@ from dist_reid.losses.contract import EpochAwareLoss
 
 log = logging.getLogger(__name__)
 SELECTION_METRIC = "mAP"
+# What a resume cannot apply over the restored state, --allow-config-change or not.
+UNCHANGEABLE_ON_RESUME = ("optim.name", "optim.impl", "train.backend")
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -271,6 +273,13 @@ class Trainer:
         old = self._checkpoint_config(path, state)
         if old is not None:
             changes = config_changes(old, plain_config(self.cfg))
+            fixed = [c for c in changes if c[0] in UNCHANGEABLE_ON_RESUME]
+            if fixed:  # the restored optimiser state belongs to the old optimiser
+                raise ConfigError(
+                    f"checkpoint {path}: {describe_changes(fixed)} cannot change on resume, even "
+                    "with --allow-config-change (the optimiser state is the old optimiser's); "
+                    "resume with the old value or start a new run"
+                )
             if changes and not allow_change:
                 raise ConfigError(
                     f"checkpoint {path} was trained with a different config: "

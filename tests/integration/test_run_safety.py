@@ -199,6 +199,13 @@ def test_resume_with_a_changed_config_is_refused_listing_the_keys(small_tree, tm
     neutral = ["train.max_steps=3", "train.log_every=1", "train.checkpoint_every_steps=1"]
     assert main([*base, *neutral, "eval.flip=true", "--resume"]) == 0
     assert load_checkpoint(run / "last.pt")["progress"]["global_step"] == 3
+    # another optimiser cannot take over the old one's state, even when changes are allowed
+    capsys.readouterr()
+    swap = ["train.max_steps=4", "optim.name=sgd", "--resume", "--allow-config-change"]
+    assert main([*base, *swap]) == 2
+    lines = _error_lines(capsys.readouterr().err)
+    assert len(lines) == 1 and "optim.name 'adamw' -> 'sgd' cannot change on resume" in lines[0]
+    assert load_checkpoint(run / "last.pt")["progress"]["global_step"] == 3
 
 
 @pytest.mark.slow
