@@ -12,14 +12,18 @@ and exits 75 if all of this node's workers exited 75; any other outcome is torch
 
 It also adds SIGUSR1 to the signals the agent forwards (``TORCHELASTIC_SIGNALS_TO_HANDLE``, which
 by default leaves SIGUSR1 to kill the agent), so ``scancel --signal=USR1`` of a job step, or
-``--signal=USR1@T`` without ``B:``, checkpoints like SIGTERM does.
+``--signal=USR1@T`` without ``B:``, checkpoints like SIGTERM does; and once the agent has got one
+stop signal it ignores repeats while its workers checkpoint and leave (``srun
+--kill-on-bad-exit=1`` signals the step again as soon as the first node's launcher exits 75).
 """
 
 from __future__ import annotations
 
 import os
+import signal
 import sys
 from collections.abc import Sequence
+from types import FrameType
 from typing import Any
 
 from dist_reid.engine.preemption import PREEMPTED_EXIT_CODE
@@ -46,6 +50,27 @@ def _record_worker_exit_codes(codes: dict[int, int | None]) -> None:
     LocalElasticAgent._shutdown = recording  # type: ignore[method-assign]
 
 
+def _ignore_repeated_stop_signals() -> None:
+    """After its first stop signal the agent is already shutting its workers down, and they
+    checkpoint before they leave. A repeat (Slurm ending the step because another node's
+    launcher has already left with 75, a second scancel) would break that wait with a new
+    SignalException and abandon them; from the first signal on, repeats are ignored (torchrun
+    still SIGKILLs workers that outlast its shutdown timeout)."""
+    from torch.distributed.elastic.multiprocessing import api
+
+    first = api._terminate_process_handler
+
+    def once(signum: int, frame: FrameType | None) -> None:
+        for name in os.environ.get(SIGNALS_ENV, FORWARDED_SIGNALS).split(","):
+            sig = getattr(signal, name.strip(), None)
+            if isinstance(sig, signal.Signals):
+                signal.signal(sig, signal.SIG_IGN)
+        first(signum, frame)
+
+    # PContext.start installs the handler by this module-level name when it starts workers.
+    api._terminate_process_handler = once
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     from torch.distributed.elastic.multiprocessing.api import SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
@@ -54,6 +79,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     os.environ.setdefault(SIGNALS_ENV, FORWARDED_SIGNALS)
     codes: dict[int, int | None] = {}
     _record_worker_exit_codes(codes)
+    _ignore_repeated_stop_signals()
     try:
         torchrun_main(list(sys.argv[1:] if argv is None else argv))
     except (ChildFailedError, SignalException):
