@@ -10,8 +10,8 @@ with :data:`PREEMPTED_EXIT_CODE`, then looks like a crash to a script or schedul
 on 75. This wrapper reads the exit codes torchrun's agent collected when it shut its workers down
 and exits 75 if all of this node's workers exited 75; any other outcome is torchrun's own.
 
-It also adds SIGUSR1 to the signals the agent forwards (``TORCHELASTIC_SIGNALS_TO_HANDLE``, which
-by default leaves SIGUSR1 to kill the agent), so ``scancel --signal=USR1`` of a job step, or
+It also adds SIGUSR1 to the signals the agent forwards (torchrun's ``--signals-to-handle``, whose
+default leaves SIGUSR1 to kill the agent), so ``scancel --signal=USR1`` of a job step, or
 ``--signal=USR1@T`` without ``B:``, checkpoints like SIGTERM does; and once the agent has got one
 stop signal it ignores repeats while its workers checkpoint and leave (``srun
 --kill-on-bad-exit=1`` signals the step again as soon as the first node's launcher exits 75).
@@ -28,6 +28,9 @@ from typing import Any
 
 from dist_reid.engine.preemption import PREEMPTED_EXIT_CODE
 
+# torchrun's --signals-to-handle defaults to $PET_SIGNALS_TO_HANDLE, and the agent handles what
+# it finds in $TORCHELASTIC_SIGNALS_TO_HANDLE (set from that option).
+SIGNALS_OPTION_ENV = "PET_SIGNALS_TO_HANDLE"
 SIGNALS_ENV = "TORCHELASTIC_SIGNALS_TO_HANDLE"
 # torchrun's default set, plus the preemption warning Slurm sends.
 FORWARDED_SIGNALS = "SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1"
@@ -76,7 +79,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.run import main as torchrun_main
 
-    os.environ.setdefault(SIGNALS_ENV, FORWARDED_SIGNALS)
+    os.environ.setdefault(SIGNALS_OPTION_ENV, FORWARDED_SIGNALS)  # --signals-to-handle wins
     codes: dict[int, int | None] = {}
     _record_worker_exit_codes(codes)
     _ignore_repeated_stop_signals()

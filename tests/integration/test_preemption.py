@@ -194,3 +194,49 @@ def test_torchrun_wrapper_exits_75_only_when_every_worker_did(tmp_path, codes, e
     )
     assert proc.returncode == expected, proc.stderr[-3000:]
     assert ("local workers were preempted" in proc.stderr) == (expected == 75)
+
+
+def test_torchrun_wrapper_forwards_usr1_and_outlasts_a_repeated_signal(tmp_path):
+    """USR1 (not in torchrun's default set, so it would kill the agent) reaches the workers; a
+    second signal while they checkpoint (srun --kill-on-bad-exit=1 signals the step again when
+    another node leaves first) does not make the agent abandon them: exit 75."""
+    worker = tmp_path / "worker.py"
+    worker.write_text(
+        "import os, pathlib, signal, sys, time\n"
+        "got = []\n"
+        "signal.signal(signal.SIGUSR1, lambda *_: got.append(1))\n"
+        "pathlib.Path(os.environ['READY'] + os.environ['LOCAL_RANK']).touch()\n"
+        "end = time.monotonic() + 60  # never outlive a failed test\n"
+        "while not got and time.monotonic() < end:\n"
+        "    time.sleep(0.05)\n"
+        "time.sleep(2)  # the checkpoint\n"
+        "sys.exit(75)\n"
+    )
+    ready, log = tmp_path / "ready", tmp_path / "launcher.err"
+    cmd = [
+        sys.executable, "-m", "dist_reid.engine.torchrun", "--standalone",
+        "--nproc_per_node", "2", "--monitor_interval", "0.1", str(worker),
+    ]  # fmt: skip
+    proc = subprocess.Popen(
+        cmd,
+        env={**_env(), "READY": str(ready)},
+        stdout=subprocess.DEVNULL,
+        stderr=log.open("w"),  # a file: an orphaned worker cannot hold it open
+        start_new_session=True,
+    )
+    try:
+        deadline = time.monotonic() + 120
+        while not all(Path(f"{ready}{rank}").exists() for rank in (0, 1)):
+            assert proc.poll() is None, log.read_text()[-3000:]
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+        os.killpg(proc.pid, signal.SIGUSR1)
+        time.sleep(0.5)
+        os.killpg(proc.pid, signal.SIGTERM)
+        proc.wait(timeout=120)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    err = log.read_text()
+    assert proc.returncode == PREEMPTED_EXIT_CODE, err[-3000:]
+    assert "all 2 local workers were preempted" in err
