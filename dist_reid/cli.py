@@ -458,6 +458,20 @@ def main(argv: Sequence[str] | None = None) -> int:
         os.environ.setdefault("HF_HUB_OFFLINE", "1")
     try:
         return args.func(args)
+    except SystemExit as exc:
+        from dist_reid.engine.preemption import PREEMPTED_EXIT_CODE
+
+        if exc.code == PREEMPTED_EXIT_CODE:
+            # Checkpointed and leaving with 75: a late stop signal (the launcher's forward, srun
+            # ending the step when another node left first) must not turn the exit into a kill.
+            import signal
+
+            try:
+                for sig in (signal.SIGTERM, signal.SIGUSR1):
+                    signal.signal(sig, signal.SIG_IGN)
+            except ValueError:  # not the main thread
+                pass
+        raise
     except USER_ERRORS as exc:
         if args.verbose:
             raise

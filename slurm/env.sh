@@ -7,12 +7,18 @@
 #   NNODES        $SLURM_NNODES
 #   NPROC_PER_NODE  processes per node: $NPROC_PER_NODE, else the GPUs Slurm gave the node,
 #                 else 1 (CPU)
+#   CPUS_PER_RANK cores per process: the node task's (--cpus-per-task, else the node's
+#                 allocation) over NPROC_PER_NODE, at least 1; OMP_NUM_THREADS defaults to it
+#   DIST_REID_ROOT  the repository (the scripts set it; else the current folder)
 
 # The project's virtual environment, if there is one and none is active.
-if [ -z "${VIRTUAL_ENV:-}" ] && [ -f "${DIST_REID_VENV:-.venv}/bin/activate" ]; then
+DIST_REID_ROOT=${DIST_REID_ROOT:-$PWD}
+if [ -z "${VIRTUAL_ENV:-}" ] && [ -f "${DIST_REID_VENV:-${DIST_REID_ROOT}/.venv}/bin/activate" ]; then
   # shellcheck disable=SC1091
-  . "${DIST_REID_VENV:-.venv}/bin/activate"
+  . "${DIST_REID_VENV:-${DIST_REID_ROOT}/.venv}/bin/activate"
 fi
+# The repository's own package, whatever the job's folder (an installed copy would otherwise win).
+export PYTHONPATH="${DIST_REID_ROOT}${PYTHONPATH:+:${PYTHONPATH}}"
 
 first_node=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)
 MASTER_ADDR=${MASTER_ADDR:-$(scontrol show node "$first_node" | grep -oP 'NodeAddr=\K\S+')}
@@ -23,7 +29,9 @@ if [ -z "${NPROC_PER_NODE:-}" ]; then
   gpus=${gpus##*:}  # "a100:4" -> 4
   NPROC_PER_NODE=$(( gpus > 0 ? gpus : 1 ))
 fi
-export MASTER_ADDR MASTER_PORT NNODES NPROC_PER_NODE
+cpus=${SLURM_CPUS_PER_TASK:-${SLURM_CPUS_ON_NODE:-1}}
+CPUS_PER_RANK=$(( cpus / NPROC_PER_NODE > 0 ? cpus / NPROC_PER_NODE : 1 ))
+export MASTER_ADDR MASTER_PORT NNODES NPROC_PER_NODE CPUS_PER_RANK DIST_REID_ROOT
 
 # NCCL (GPU clusters; ignored by gloo on CPU). Defaults are left to NCCL unless set here:
 #   NCCL_SOCKET_IFNAME  the interface of the inter-node network, e.g. ib0 or eth0 (NCCL may
@@ -33,5 +41,5 @@ export MASTER_ADDR MASTER_PORT NNODES NPROC_PER_NODE
 #   TORCH_NCCL_ASYNC_ERROR_HANDLING=1  a dead peer aborts the collective instead of hanging
 #                       (default in recent torch), so Slurm/torchrun can restart the job
 export TORCH_NCCL_ASYNC_ERROR_HANDLING=${TORCH_NCCL_ASYNC_ERROR_HANDLING:-1}
-export OMP_NUM_THREADS=${OMP_NUM_THREADS:-${SLURM_CPUS_PER_TASK:-1}}
+export OMP_NUM_THREADS=${OMP_NUM_THREADS:-${CPUS_PER_RANK}}
 export HF_HUB_OFFLINE=${HF_HUB_OFFLINE:-1}

@@ -11,6 +11,7 @@ from torch.utils.data import DataLoader
 
 from dist_reid.data.images import RecordImageDataset
 from dist_reid.data.records import MODALITIES, Record
+from dist_reid.data.workers import ignore_stop_signals
 
 
 @torch.no_grad()
@@ -44,6 +45,7 @@ def extract_features(
             batch_size=batch_size,
             num_workers=num_workers,
             shuffle=False,
+            worker_init_fn=ignore_stop_signals,  # a stop signal is the main process's to handle
         )
         for images, local in loader:
             images = images.to(device)

@@ -17,6 +17,11 @@ augmentation half of the graph, which runs on the GPU when there is one. Resizin
 uncached batches are identical.
 
 BMP (RegDB) is decoded on the CPU even with ``device="mixed"``: nvJPEG handles JPEG only.
+
+Stop signals (preemption): the readers are threads of the training process and the graph uses no
+parallel external-source worker processes, so a SIGTERM/SIGUSR1 sent to the whole job reaches
+only the training loop's handler, which checkpoints at the step boundary; nothing here can die of
+it (``tests/integration/test_preemption.py`` checks this on the CPU graph).
 """
 
 from __future__ import annotations

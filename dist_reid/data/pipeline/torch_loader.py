@@ -16,6 +16,7 @@ from dist_reid.data.augment import AugmentOptions, build_train_transform
 from dist_reid.data.images import ImageDecodeError, load_rgb
 from dist_reid.data.records import MODALITIES, Record
 from dist_reid.data.sampler import IdentitySampler
+from dist_reid.data.workers import ignore_stop_signals
 
 log = logging.getLogger(__name__)
 
@@ -48,7 +49,10 @@ class SeededBatches(Sampler[list[tuple[int, int]]]):
             if step < self.start_step:
                 continue
             offset = self.sampler.rank * len(batch)
-            yield [(index, sample_seed(self.seed, epoch, step, offset + i)) for i, index in enumerate(batch)]
+            yield [
+                (index, sample_seed(self.seed, epoch, step, offset + i))
+                for i, index in enumerate(batch)
+            ]
 
 
 class TrainImages(Dataset):
@@ -90,7 +94,9 @@ class TrainImages(Dataset):
         rng = np.random.default_rng(seed + 1)
         for other in rng.permutation(pool):
             self.skipped += 1
-            log.warning("skipping corrupt image (%d so far in this worker): %s", self.skipped, error)
+            log.warning(
+                "skipping corrupt image (%d so far in this worker): %s", self.skipped, error
+            )
             try:
                 return load_rgb(self.records[int(other)].path), int(other)
             except ImageDecodeError as exc:
@@ -140,6 +146,7 @@ class TorchTrainPipeline:
             pin_memory=pin_memory,
             persistent_workers=num_workers > 0,
             prefetch_factor=2 if num_workers > 0 else None,
+            worker_init_fn=ignore_stop_signals,  # preemption: the main process checkpoints first
         )
 
     def set_epoch(self, epoch: int) -> None:
@@ -151,4 +158,10 @@ class TorchTrainPipeline:
     def iterate(self, start_step: int = 0) -> Iterator[dict[str, torch.Tensor]]:
         self.batches.start_step = start_step
         for images, labels, modalities, cams, indices in self.loader:
-            yield {"images": images, "labels": labels, "modalities": modalities, "cams": cams, "indices": indices}
+            yield {
+                "images": images,
+                "labels": labels,
+                "modalities": modalities,
+                "cams": cams,
+                "indices": indices,
+            }
