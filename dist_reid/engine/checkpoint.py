@@ -58,7 +58,8 @@ def save_checkpoint(state: dict[str, Any], path: str | os.PathLike[str]) -> Path
     return path
 
 
-def _pid_alive(pid: int) -> bool:
+def pid_alive(pid: int) -> bool:
+    """Whether a process ``pid`` of this host exists (another user's counts as alive)."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -83,7 +84,7 @@ def remove_stale_temporaries(folder: str | os.PathLike[str]) -> list[Path]:
             continue
         try:
             if match["host"] in (None, host):
-                stale = int(match["pid"]) != os.getpid() and not _pid_alive(int(match["pid"]))
+                stale = int(match["pid"]) != os.getpid() and not pid_alive(int(match["pid"]))
             else:
                 stale = time.time() - entry.stat().st_mtime > FOREIGN_TEMPORARY_AGE_S
             if stale:

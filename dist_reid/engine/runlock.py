@@ -24,6 +24,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from dist_reid.engine.checkpoint import pid_alive
+
 log = logging.getLogger(__name__)
 
 LOCK_NAME = "run.lock"
@@ -70,23 +72,13 @@ def _describe(record: dict[str, Any] | None) -> str:
     return text
 
 
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except OSError:  # EPERM: someone else's live process
-        return True
-    return True
-
-
 def _stale_without_locks(record: dict[str, Any] | None) -> bool:
     """Without record locks: may ``record``'s run be taken over?"""
     if record is None:
         return True
     if record.get("host") == socket.gethostname():
         pid = record.get("pid")
-        return not isinstance(pid, int) or pid == os.getpid() or not _pid_alive(pid)
+        return not isinstance(pid, int) or pid == os.getpid() or not pid_alive(pid)
     job = os.environ.get("SLURM_JOB_ID")
     return bool(job) and record.get("slurm_job") == job  # a requeue: the old step is gone
 
