@@ -103,3 +103,26 @@ def one_torch_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(previous)
+
+
+def tiny_run_overrides(
+    root: Path, out: Path, name: str, *extra: str, eval_subset: bool = True
+) -> list[str]:
+    """Overrides that shrink a recipe to a test run: 64x32 inputs, 4 ids x 2 images per
+    modality, no loader workers or TensorBoard, torch kernels; ``eval_subset`` scores trial 0
+    of the first setting only. Import it as ``from conftest import tiny_run_overrides``."""
+    subset = ["eval.trials=[0]", "eval.settings=[all]"] if eval_subset else []
+    return [
+        f"data.root={root}",
+        f"run.output_dir={out}",
+        f"run.name={name}",
+        "data.height=64",
+        "data.width=32",
+        "data.num_workers=0",
+        "train.ids_per_batch=4",
+        "train.instances_per_modality=2",
+        "train.tensorboard=false",
+        "train.kernels=torch",
+        *subset,
+        *extra,
+    ]

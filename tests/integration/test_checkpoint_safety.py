@@ -17,6 +17,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import tiny_run_overrides
 
 from dist_reid.config import load_config
 from dist_reid.engine.checkpoint import (
@@ -32,19 +33,7 @@ SOURCES = ("dist_reid", "launch", "kernels")
 
 
 def tiny(root: Path, out: Path, name: str, *extra: str) -> list[str]:
-    return [
-        f"data.root={root}",
-        f"run.output_dir={out}",
-        f"run.name={name}",
-        "data.height=64",
-        "data.width=32",
-        "data.num_workers=0",
-        "train.ids_per_batch=4",
-        "train.instances_per_modality=2",
-        "train.tensorboard=false",
-        "train.kernels=torch",
-        *extra,
-    ]
+    return tiny_run_overrides(root, out, name, *extra, eval_subset=False)
 
 
 class _Payload:

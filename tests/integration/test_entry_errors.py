@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import tiny_run_overrides
 
 import dist_reid.engine.trainer as trainer_module
 from dist_reid.cli import build_parser as build_cli_parser
@@ -25,21 +26,7 @@ ENV = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "PYTHONWARNI
 
 
 def tiny(root: Path, out: Path, name: str, *extra: str) -> list[str]:
-    return [
-        f"data.root={root}",
-        f"run.output_dir={out}",
-        f"run.name={name}",
-        "data.height=64",
-        "data.width=32",
-        "data.num_workers=0",
-        "train.ids_per_batch=4",
-        "train.instances_per_modality=2",
-        "train.tensorboard=false",
-        "train.kernels=torch",
-        "eval.trials=[0]",
-        "eval.settings=[all]",
-        *extra,
-    ]
+    return tiny_run_overrides(root, out, name, *extra)
 
 
 def _our_lines(stderr: str) -> list[str]:

@@ -17,6 +17,7 @@ import types
 from pathlib import Path
 
 import pytest
+from conftest import tiny_run_overrides
 
 from dist_reid.cli import main
 from dist_reid.config import ConfigError, load_config
@@ -29,21 +30,7 @@ CONFIG = str(REPO / "configs/experiments/demo_sysu_agw.yaml")
 
 
 def tiny(root: Path, out: Path, name: str, *extra: str) -> list[str]:
-    return [
-        f"data.root={root}",
-        f"run.output_dir={out}",
-        f"run.name={name}",
-        "data.height=64",
-        "data.width=32",
-        "data.num_workers=0",
-        "train.ids_per_batch=4",
-        "train.instances_per_modality=2",
-        "train.tensorboard=false",
-        "train.kernels=torch",
-        "eval.trials=[0]",
-        "eval.settings=[all]",
-        *extra,
-    ]
+    return tiny_run_overrides(root, out, name, *extra)
 
 
 def _error_lines(stderr: str) -> list[str]:
