@@ -28,6 +28,8 @@ SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)
 
 
 class Mean(nn.Module):
+    batch_fields: tuple[str, ...] = ()  # the model contract's part that extraction reads
+
     def embed(self, images: torch.Tensor, modality: str) -> torch.Tensor:
         return images.mean(dim=(2, 3))
 
