@@ -3,6 +3,7 @@ backend backward/step -> hooks (lr, logging, NaN guard, evaluation, checkpoints)
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import shutil
@@ -489,6 +490,10 @@ class Trainer:
             if line is None:
                 raise
             raise SystemExit(f"{line}; {self.describe_last_checkpoint()}") from None
+        finally:
+            # Loader workers stop now, on every way out (a preemption's exit 75 included), not
+            # at the interpreter's exit, which SIGTERMs them and makes torch report a dead worker.
+            self.pipeline.close()
 
     def _fit(self, resume: str | Path | None, allow_config_change: bool) -> dict[str, Any]:
         b, t = self.backend, self.cfg.train
@@ -523,30 +528,36 @@ class Trainer:
                 leave=False,
             )
             start = time.perf_counter()
-            for batch in self.pipeline.iterate(self.cursor):
-                terms = self.train_step(batch)
-                b.end_setup()  # first step done: later collectives get train.dist_timeout_s
-                self.cursor += 1
-                self.global_step += 1
-                bar.update(1)
-                if self.global_step % t.log_every == 0:
-                    bar.set_postfix({k: f"{v:.3f}" for k, v in terms.items()})
-                    self._log(
-                        {f"loss/{k}": v for k, v in terms.items()}
-                        | {"lr": self.optimizer.param_groups[-1]["lr"]},
-                        self.global_step,
-                    )
-                if t.checkpoint_every_steps and self.global_step % t.checkpoint_every_steps == 0:
-                    self.save("last.pt")
-                inject_fault(self.global_step, b.rank)  # no-op unless the test env var is set
-                if self.preemption.stop_requested(b):  # collective: all ranks stop together
-                    self.save("last.pt")
-                    self.preemption.uninstall()
-                    log.warning("preempted: checkpointed at step %d", self.global_step)
-                    raise Preempted(self.global_step)
-                if t.max_steps and self.global_step >= t.max_steps:
-                    stopped = True
-                    break
+            # closed on every way out (preemption, errors): the loader's workers stop now,
+            # from their queue, not from the interpreter's exit (which SIGTERMs them)
+            with contextlib.closing(self.pipeline.iterate(self.cursor)) as batches:
+                for batch in batches:
+                    terms = self.train_step(batch)
+                    b.end_setup()  # first step done: later collectives get train.dist_timeout_s
+                    self.cursor += 1
+                    self.global_step += 1
+                    bar.update(1)
+                    if self.global_step % t.log_every == 0:
+                        bar.set_postfix({k: f"{v:.3f}" for k, v in terms.items()})
+                        self._log(
+                            {f"loss/{k}": v for k, v in terms.items()}
+                            | {"lr": self.optimizer.param_groups[-1]["lr"]},
+                            self.global_step,
+                        )
+                    if (
+                        t.checkpoint_every_steps
+                        and self.global_step % t.checkpoint_every_steps == 0
+                    ):
+                        self.save("last.pt")
+                    inject_fault(self.global_step, b.rank)  # no-op unless the test env var is set
+                    if self.preemption.stop_requested(b):  # collective: all ranks stop together
+                        self.save("last.pt")
+                        self.preemption.uninstall()
+                        log.warning("preempted: checkpointed at step %d", self.global_step)
+                        raise Preempted(self.global_step)
+                    if t.max_steps and self.global_step >= t.max_steps:
+                        stopped = True
+                        break
             bar.close()
             if stopped and self.cursor < steps:
                 self.save("last.pt")  # mid-epoch stop: resume continues at this cursor

@@ -158,16 +158,16 @@ def _augment(images, params, height: int, width: int, dtype, mean, std, fill):
     )
     images = fn.coord_transform(images, M=mix, T=shift)  # innermost axis = channels
     images = fn.transpose(images, perm=[2, 0, 1], output_layout="CHW")
-    images = fn.erase(images, anchor=erase_anchor, shape=erase_shape, axis_names="HW", fill_value=list(fill))
+    images = fn.erase(
+        images, anchor=erase_anchor, shape=erase_shape, axis_names="HW", fill_value=list(fill)
+    )
     if dtype != types.FLOAT:
         images = fn.cast(images, dtype=dtype)
     return images
 
 
 @pipeline_def
-def _train_graph(
-    source, height: int, width: int, dtype, gpu: bool, cached: bool, mean, std, fill
-):
+def _train_graph(source, height: int, width: int, dtype, gpu: bool, cached: bool, mean, std, fill):
     encoded, *params, labels, modalities, cams, indices = fn.external_source(
         source=source, num_outputs=11, batch=True, device="cpu", no_copy=False
     )
@@ -291,6 +291,9 @@ class DaliTrainPipeline:
 
     def __len__(self) -> int:
         return len(self.sampler)
+
+    def close(self) -> None:
+        """Nothing to stop: DALI decodes in threads of this process, per epoch."""
 
     def iterate(self, start_step: int = 0) -> Iterator[dict[str, torch.Tensor]]:
         """Batches ``start_step..len-1`` of the sampler's current epoch."""

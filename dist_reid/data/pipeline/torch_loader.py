@@ -4,7 +4,7 @@ RAM), torchvision v2 augmentation, per-sample seeds so a resumed run sees the sa
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterator, Sequence
+from collections.abc import Generator, Iterator, Sequence
 from typing import Protocol
 
 import numpy as np
@@ -23,7 +23,13 @@ log = logging.getLogger(__name__)
 
 class TrainPipeline(Protocol):
     def set_epoch(self, epoch: int) -> None: ...
-    def iterate(self, start_step: int = 0) -> Iterator[dict[str, torch.Tensor]]: ...
+
+    # a generator: the trainer closes it on every way out, which stops the loader's workers
+    def iterate(self, start_step: int = 0) -> Generator[dict[str, torch.Tensor], None, None]: ...
+
+    def close(self) -> None:
+        """Stop any worker processes now; a later ``iterate`` starts them again."""
+
     def __len__(self) -> int: ...
 
 
@@ -154,6 +160,16 @@ class TorchTrainPipeline:
 
     def __len__(self) -> int:
         return len(self.sampler)
+
+    def close(self) -> None:
+        """Stop the persistent workers now (they would otherwise live until the interpreter's
+        exit, which SIGTERMs them). DataLoader has no public call for it; its iterator's own
+        shutdown (what its ``__del__`` runs) is used. The next ``iterate`` starts new workers."""
+        iterator = getattr(self.loader, "_iterator", None)
+        if iterator is not None and hasattr(iterator, "_shutdown_workers"):
+            iterator._shutdown_workers()
+        if iterator is not None:
+            self.loader._iterator = None
 
     def iterate(self, start_step: int = 0) -> Iterator[dict[str, torch.Tensor]]:
         self.batches.start_step = start_step
