@@ -95,9 +95,9 @@ def parse_train_args(argv: Sequence[str]) -> tuple[argparse.Namespace, str | Non
 
 
 def train_main(argv: Sequence[str] | None = None) -> int:
+    from dist_reid.engine.build import build_trainer
     from dist_reid.engine.checkpoint import CheckpointError
     from dist_reid.engine.cpu_threads import configure_threads
-    from dist_reid.engine.trainer import Trainer
     from dist_reid.models.pretrained import WeightsUnavailableError
 
     args, note = parse_train_args(sys.argv[1:] if argv is None else argv)
@@ -114,7 +114,7 @@ def train_main(argv: Sequence[str] | None = None) -> int:
     try:
         # after the argument checks, so a bad command line stays one line on stderr
         configure_threads(announce=rank_zero())  # cores / local processes, or OMP_NUM_THREADS
-        trainer = Trainer(cfg)  # checks model.pretrained before reading any data
+        trainer = build_trainer(cfg)  # checks model.pretrained before reading any data
     except WeightsUnavailableError as exc:
         print(f"train: error: {exc}", file=sys.stderr)
         return 2

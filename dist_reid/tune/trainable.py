@@ -19,6 +19,7 @@ def run_trial(params: dict[str, Any], spec: SweepSpec) -> None:
     checkpointing through Tune so a paused or restored trial continues from its last epoch."""
     from ray import tune
 
+    from dist_reid.engine.build import build_trainer
     from dist_reid.engine.trainer import Trainer
 
     torch.set_num_threads(max(1, int(spec.resources.cpu)))
@@ -54,4 +55,4 @@ def run_trial(params: dict[str, Any], spec: SweepSpec) -> None:
                 checkpoint=tune.Checkpoint.from_directory(directory),
             )
 
-    Trainer(cfg, callbacks=[report]).fit(resume)
+    build_trainer(cfg, callbacks=[report]).fit(resume)

@@ -162,7 +162,9 @@ def test_augmentation_applies_the_sampled_parameters_exactly(sysu, options):
         batch = batches[step]
         for position, index in enumerate(batch["indices"].tolist()):
             record = records[index]
-            params = sample_params(sample_seed(3, 0, step, position), H, W, record.modality, options)
+            params = sample_params(
+                sample_seed(3, 0, step, position), H, W, record.modality, options
+            )
             expected = _reference_augment(pipe.cache[index].numpy(), params, options)
             torch.testing.assert_close(batch["images"][position], expected, rtol=0, atol=1e-5)
             seen["flip"] += int(params["flip"])
@@ -220,7 +222,9 @@ def test_grayscale_and_erasing_keys_in_the_sampled_parameters():
     assert np.mean(areas) > 0.35  # the SYSU range, not the default 0.02-0.4
     for s in range(50):  # keys at their defaults leave today's parameters alone
         a = sample_params(s, H, W, "infrared", ALL_ON)
-        b = sample_params(s, H, W, "infrared", AugmentOptions(**{**ALL_ON.__dict__, "grayscale": 0.0}))
+        b = sample_params(
+            s, H, W, "infrared", AugmentOptions(**{**ALL_ON.__dict__, "grayscale": 0.0})
+        )
         assert all(np.array_equal(a[k], b[k]) for k in a)
 
 
@@ -284,15 +288,18 @@ def test_eval_pipeline_and_test_transform_honour_mean_and_std(sysu):
     records, _ = sysu
     records = records[:16]
     mean, std = (0.5, 0.4, 0.3), (0.5, 0.25, 0.2)
-    out = torch.cat([x for x, _ in DaliEvalPipeline(records, height=H, width=W, mean=mean, std=std)])
+    out = torch.cat(
+        [x for x, _ in DaliEvalPipeline(records, height=H, width=W, mean=mean, std=std)]
+    )
     moved = RecordImageDataset(records, build_test_transform(H, W, mean, std))
     base = RecordImageDataset(records, build_test_transform(H, W))
     ref = torch.stack([moved[i][0] for i in range(len(records))])
     imagenet = torch.stack([base[i][0] for i in range(len(records))]).double()
     m, s = (torch.tensor(v, dtype=torch.float64)[:, None, None] for v in (mean, std))
-    raw = imagenet * torch.tensor(IMAGENET_STD, dtype=torch.float64)[:, None, None] + torch.tensor(
-        IMAGENET_MEAN, dtype=torch.float64
-    )[:, None, None]
+    raw = (
+        imagenet * torch.tensor(IMAGENET_STD, dtype=torch.float64)[:, None, None]
+        + torch.tensor(IMAGENET_MEAN, dtype=torch.float64)[:, None, None]
+    )
     torch.testing.assert_close(ref.double(), (raw - m) / s, rtol=0, atol=1e-5)
     assert (out - ref).abs().max() <= 10 / 255 / min(std)
 
@@ -455,7 +462,7 @@ def test_config_rejects_unknown_pipeline():
 
 @pytest.mark.slow
 def test_training_through_the_dali_cpu_graph_lowers_the_loss(synthetic_trees, tmp_path):
-    from dist_reid.engine.trainer import Trainer
+    from dist_reid.engine.build import build_trainer
 
     root, _ = synthetic_trees["sysu"]
     config = str(Path(__file__).resolve().parents[2] / "configs/experiments/demo_sysu_agw.yaml")
@@ -474,7 +481,7 @@ def test_training_through_the_dali_cpu_graph_lowers_the_loss(synthetic_trees, tm
         "train.kernels=torch",
         "train.lr=0.002",
     ]
-    trainer = Trainer(load_config(config, overrides))
+    trainer = build_trainer(load_config(config, overrides))
     assert isinstance(trainer.pipeline, DaliTrainPipeline)
     trainer.pipeline.set_epoch(0)
     losses = []
@@ -487,7 +494,6 @@ def test_training_through_the_dali_cpu_graph_lowers_the_loss(synthetic_trees, tm
     assert sum(losses[3:]) < sum(losses[:3]), losses
 
 
-
 # Released RandomErasing (PDM random_erasing.py, r1=0.3; random.seed(0), 20 000 draws with
 # probability 1 on a zero 3x96x48 tensor): mean box h/w and area fraction per (sl, sh).
 RELEASED_ERASING = {(0.2, 0.8): (2.082, 0.454), (0.02, 0.4): (1.901, 0.203)}
@@ -498,7 +504,9 @@ def test_dali_released_erasing_mode_matches_the_released_box_statistics(area):
     options = AugmentOptions(
         pad=0, flip=False, random_erasing=1.0, erasing_scale=area, erasing_mode="released"
     )
-    shapes = np.array([sample_params(s, 96, 48, "visible", options)["erase_shape"] for s in range(3000)])
+    shapes = np.array(
+        [sample_params(s, 96, 48, "visible", options)["erase_shape"] for s in range(3000)]
+    )
     ratio, fraction = shapes[:, 0] / shapes[:, 1], shapes.prod(1) / (96 * 48)
     mean_ratio, mean_area = RELEASED_ERASING[area]
     assert abs(ratio.mean() - mean_ratio) < 0.06 and abs(fraction.mean() - mean_area) < 0.015

@@ -12,6 +12,7 @@ import sys
 import torch
 
 from dist_reid.config import load_config
+from dist_reid.engine.build import build_trainer
 from dist_reid.engine.trainer import Trainer
 
 config, out_dir, steps, half, *overrides = sys.argv[1:]
@@ -22,7 +23,7 @@ def flat(trainer: Trainer) -> torch.Tensor:
     return torch.cat([p.detach().float().flatten() for p in module.parameters()])
 
 
-trainer = Trainer(load_config(config, [*overrides, "run.name=loop"]))
+trainer = build_trainer(load_config(config, [*overrides, "run.name=loop"]))
 trainer.pipeline.set_epoch(0)
 losses = []
 for batch in trainer.pipeline.iterate(0):
@@ -34,13 +35,15 @@ dtypes = sorted({str(p.dtype) for p in module.parameters()})
 params = flat(trainer)
 
 n = int(half)
-straight = Trainer(
+straight = build_trainer(
     load_config(config, [*overrides, "run.name=straight", f"train.max_steps={2 * n}"])
 )
 straight.fit()
-first = Trainer(load_config(config, [*overrides, "run.name=split", f"train.max_steps={n}"]))
+first = build_trainer(load_config(config, [*overrides, "run.name=split", f"train.max_steps={n}"]))
 first.fit()
-second = Trainer(load_config(config, [*overrides, "run.name=split", f"train.max_steps={2 * n}"]))
+second = build_trainer(
+    load_config(config, [*overrides, "run.name=split", f"train.max_steps={2 * n}"])
+)
 second.fit(resume=second.run_dir / "last.pt")
 
 torch.save(

@@ -8,11 +8,11 @@ import sys
 import torch
 
 from dist_reid.config import load_config
-from dist_reid.engine.trainer import Trainer
+from dist_reid.engine.build import build_trainer
 
 config, out_dir, steps, *overrides = sys.argv[1:]
 # Random init unless a test overrides it: CI has no network and no ImageNet weights.
-trainer = Trainer(load_config(config, ["model.pretrained=null", *overrides]))
+trainer = build_trainer(load_config(config, ["model.pretrained=null", *overrides]))
 trainer.pipeline.set_epoch(0)
 losses = []
 for batch in trainer.pipeline.iterate(0):

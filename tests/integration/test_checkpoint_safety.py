@@ -362,11 +362,11 @@ def test_stale_temporaries_of_dead_writers_are_removed_live_ones_kept(tmp_path):
 
 @pytest.mark.slow
 def test_trainer_start_removes_a_killed_writers_temporary(synthetic_trees, tmp_path):
-    from dist_reid.engine.trainer import Trainer
+    from dist_reid.engine.build import build_trainer
 
     root, _ = synthetic_trees["sysu"]
     cfg = load_config(CONFIG, tiny(root, tmp_path, "run", "train.max_steps=1"))
     left = _killed_write(tmp_path / "run" / "last.pt")
     assert left and all(p.exists() for p in left)
-    Trainer(cfg)
+    build_trainer(cfg)
     assert not any(p.exists() for p in left)

@@ -13,8 +13,8 @@ import torch
 from dist_reid.cli import main
 from dist_reid.config import load_config
 from dist_reid.data.synthetic.layouts import generate
+from dist_reid.engine.build import build_trainer
 from dist_reid.engine.trained import checkpoint_config, load_trained_model
-from dist_reid.engine.trainer import Trainer
 from dist_reid.models.backbones import state_dict_mismatch
 
 REPO = Path(__file__).resolve().parents[2]
@@ -50,7 +50,7 @@ def trained(tmp_path_factory):
     root = out / "sysu"
     generate("sysu", root, 12, seed=3, images_per_camera=2)  # a one-epoch run of a few steps
     torch.manual_seed(0)
-    trainer = Trainer(load_config(CONFIG, _tiny(root, out)))
+    trainer = build_trainer(load_config(CONFIG, _tiny(root, out)))
     trainer.fit()
     return root, out / "run"
 

@@ -22,6 +22,7 @@ from conftest import tiny_run_overrides
 from dist_reid.cli import main
 from dist_reid.config import ConfigError, load_config
 from dist_reid.data.sampler import build_sampler
+from dist_reid.engine.build import build_trainer
 from dist_reid.engine.checkpoint import load_checkpoint
 from dist_reid.engine.trainer import Trainer
 
@@ -55,7 +56,7 @@ def test_trainer_names_the_key_and_how_to_scale_it_before_reading_data(tmp_path)
     cfg = load_config(CONFIG, tiny(data, tmp_path, "run", "train.ids_per_batch=8"))
     eight_ranks = types.SimpleNamespace(world_size=8, rank=0, is_main=True)
     with pytest.raises(ConfigError) as excinfo:
-        Trainer(cfg, backend=eight_ranks)
+        build_trainer(cfg, backend=eight_ranks)
     message = str(excinfo.value)
     assert message.startswith("train.ids_per_batch: ") and "\n" not in message
     assert "triplet" in message and "use >= 2 x world size = 16" in message
@@ -160,7 +161,7 @@ def test_checkpoints_store_the_resolved_config(small_tree, tmp_path):
     from omegaconf import OmegaConf
 
     cfg = load_config(CONFIG, tiny(small_tree, tmp_path, "run", "train.epochs=1"))
-    Trainer(cfg).fit()
+    build_trainer(cfg).fit()
     expected = OmegaConf.to_container(OmegaConf.structured(cfg))
     for name in ("last.pt", "best.pt"):
         state = load_checkpoint(tmp_path / "run" / name)  # weights_only=True
@@ -199,7 +200,7 @@ def test_resume_with_a_changed_config_is_refused_listing_the_keys(small_tree, tm
 def test_allow_config_change_applies_the_new_values_and_records_both_configs(
     small_tree, tmp_path, caplog
 ):
-    Trainer(load_config(CONFIG, tiny(small_tree, tmp_path, "run", "train.max_steps=2"))).fit()
+    build_trainer(load_config(CONFIG, tiny(small_tree, tmp_path, "run", "train.max_steps=2"))).fit()
     run = tmp_path / "run"
     new = (
         "train.lr=0.5",
@@ -207,7 +208,7 @@ def test_allow_config_change_applies_the_new_values_and_records_both_configs(
         "train.weight_decay=0.01",
         "train.epochs=4",
     )
-    resumed = Trainer(
+    resumed = build_trainer(
         load_config(CONFIG, tiny(small_tree, tmp_path, "run", "train.max_steps=3", *new))
     )
     with caplog.at_level(logging.WARNING):

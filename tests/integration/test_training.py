@@ -10,6 +10,7 @@ import torch
 from conftest import tiny_run_overrides
 
 from dist_reid.config import load_config
+from dist_reid.engine.build import build_trainer
 from dist_reid.engine.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from dist_reid.engine.trainer import Trainer
 
@@ -53,7 +54,7 @@ FAITHFUL = (
 @pytest.mark.parametrize("keys", [(), FAITHFUL], ids=["default", "faithful-keys"])
 def test_resume_continues_exactly(synthetic_trees, tmp_path, keys):
     root, _ = synthetic_trees["sysu"]
-    straight = Trainer(
+    straight = build_trainer(
         load_config(
             CONFIG,
             tiny(
@@ -67,10 +68,10 @@ def test_resume_continues_exactly(synthetic_trees, tmp_path, keys):
         )
     )
     straight.fit()
-    assert type(straight.sampler).__name__ == (
+    assert type(straight.pipeline.sampler).__name__ == (
         "IdentityModalitySampler" if keys else "ModalityBalancedSampler"
     )
-    first = Trainer(
+    first = build_trainer(
         load_config(
             CONFIG,
             tiny(
@@ -85,7 +86,7 @@ def test_resume_continues_exactly(synthetic_trees, tmp_path, keys):
     )
     first.fit()
     assert first.global_step == 4 and first.cursor == 4
-    second = Trainer(
+    second = build_trainer(
         load_config(
             CONFIG,
             tiny(
@@ -112,7 +113,7 @@ def test_full_run_reports_last_and_best_and_resume_of_a_finished_run_is_a_no_op(
 ):
     root, _ = synthetic_trees["sysu"]
     cfg = load_config(CONFIG, tiny(root, tmp_path, "full", "train.epochs=1", "train.max_steps=0"))
-    result = Trainer(cfg).fit()
+    result = build_trainer(cfg).fit()
     final = json.loads((tmp_path / "full" / "final_metrics.json").read_text())
     assert (
         final["last_epoch"]["epoch"] == 0 and "best_epoch_selected_on_test_set_optimistic" in final
@@ -121,7 +122,7 @@ def test_full_run_reports_last_and_best_and_resume_of_a_finished_run_is_a_no_op(
     assert (tmp_path / "full" / "config.yaml").is_file() and (
         tmp_path / "full" / "best.pt"
     ).is_file()
-    again = Trainer(cfg)
+    again = build_trainer(cfg)
     assert again.fit(resume=tmp_path / "full" / "last.pt") == result
     assert again.global_step == result["global_step"]
 

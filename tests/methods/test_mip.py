@@ -427,6 +427,7 @@ def test_schedule_edges_follow_the_released_formula():
 
 @pytest.mark.filterwarnings("ignore:Detected call of `lr_scheduler.step")
 def test_trainer_schedules_each_group_as_released_and_resumes_it(synthetic_trees, tmp_path):
+    from dist_reid.engine.build import build_trainer
     from dist_reid.engine.trainer import Trainer
 
     root, _ = synthetic_trees["sysu"]
@@ -443,7 +444,7 @@ def test_trainer_schedules_each_group_as_released_and_resumes_it(synthetic_trees
         *tiny_opts,
     ]
     cfg = load_config(REPO / "configs/sysu/mip.yaml", overrides)
-    trainer = Trainer(cfg)
+    trainer = build_trainer(cfg)
 
     def lrs(t: Trainer) -> dict[str, float]:
         return {g["name"]: g["lr"] for g in t.optimizer.param_groups}
@@ -458,7 +459,7 @@ def test_trainer_schedules_each_group_as_released_and_resumes_it(synthetic_trees
     trainer.epoch = 28
     check(lrs(trainer), 28)
     path = trainer.save("last.pt")
-    resumed = Trainer(cfg)
+    resumed = build_trainer(cfg)
     resumed.load(path)
     assert lrs(resumed) == lrs(trainer)
     trainer.scheduler.step()
