@@ -10,19 +10,21 @@ measured on random images at the config's input size:
   on a batch of one visible and one infrared image (eval mode: BatchNorm cannot train on one
   sample per modality), divided by 2. FlopCounterMode counts 2 FLOPs per multiply-accumulate
   and only matmul/conv-like ops (no norms, activations or pooling);
-* ``cpu_train_img_s``: images per second of full training steps (forward, loss, backward, SGD
-  step) on the CPU with a sampler-shaped batch (``--ids`` identities x ``--instances`` per
-  modality), after ``--warmup`` untimed steps; ``cpu_s_per_img``: the process CPU time (all
-  threads) per image of the same steps, steadier than wall time on a shared machine;
-* ``gpu_train_img_s``: the same on CUDA when a GPU is present (``None`` otherwise).
+* ``cpu_train_img_s``: images per second of training steps run by the engine's ``Trainer``
+  (forward, fp32 loss, NaN guard, backward, SGD step) and timed by its timing hook, on a
+  machine without a visible GPU, with a sampler-shaped batch (``--ids`` identities x
+  ``--instances`` per modality), after ``--warmup`` untimed steps; ``cpu_s_per_img``: the
+  process CPU time (all threads) per image of the same steps, steadier than wall time on a
+  shared machine;
+* ``gpu_train_img_s``: the same where a GPU is visible (the engine trains there), at the
+  recipes' per-GPU batch of 8 x 4 per modality; the CPU columns are then ``None``.
 """
 
 from __future__ import annotations
 
 import argparse
-import inspect
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -31,6 +33,7 @@ from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
 from dist_reid.bench.common import machine_info, markdown_table, write_report
+from dist_reid.engine.hooks import HookBase, TimerHook
 
 METHODS = ("agw", "pdm", "icre", "emif", "mip")
 _REPO_CONFIGS = Path(__file__).resolve().parents[2] / "configs"
@@ -71,11 +74,53 @@ def _batch(
 
 
 def _forward(model: nn.Module, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Call ``forward`` the way the trainer does (``cams`` only if the model names it)."""
-    extras = {}
-    if "cams" in inspect.signature(model.forward).parameters:
-        extras["cams"] = batch["cams"]
+    """Call ``forward`` as the trainer does: with the batch fields the model's contract names."""
+    extras = {name: batch[name] for name in getattr(model, "batch_fields", ())}
     return model(batch["images"], batch["modalities"], **extras)
+
+
+class RepeatedBatch:
+    """A pipeline (the trainer's interface) that yields one batch ``steps`` times an epoch:
+    the loop runs as in training, without image decoding in the measurement."""
+
+    name = "repeated batch"
+
+    def __init__(self, batch: dict[str, torch.Tensor], steps: int) -> None:
+        self.batch = batch
+        self.steps = steps
+
+    def set_epoch(self, epoch: int) -> None:
+        pass
+
+    def __len__(self) -> int:
+        return self.steps
+
+    def iterate(self, cursor: int = 0) -> Iterator[dict[str, torch.Tensor]]:
+        for _ in range(cursor, self.steps):
+            yield self.batch
+
+    def close(self) -> None:
+        pass
+
+
+class _ProcessTime(HookBase):
+    """Process CPU time (all threads) of the steps after the first ``warmup``."""
+
+    def __init__(self, warmup: int) -> None:
+        self.warmup = warmup
+        self.start: float | None = None
+        self.seconds = 0.0
+
+    def before_train(self) -> None:
+        if self.warmup == 0:
+            self.start = time.process_time()
+
+    def after_step(self) -> None:
+        if self.trainer.global_step == self.warmup:
+            self.start = time.process_time()
+
+    def after_train(self) -> None:
+        self.seconds = time.process_time() - self.start
 
 
 def count_gflops(model: nn.Module, batch: dict[str, torch.Tensor]) -> float:
@@ -97,32 +142,30 @@ def train_throughput(
     steps: int,
     warmup: int,
 ) -> tuple[float, float]:
-    """(images per second, CPU seconds per image of this process, all threads) of full SGD
-    training steps (the trainer's loss contract: outputs cast to fp32, terms summed). The CPU
-    time is the steadier number on a shared machine, where wall time depends on the load."""
-    model.train()
+    """(images per second, CPU seconds per image of this process, all threads) of training
+    steps through the engine's :class:`~dist_reid.engine.trainer.Trainer` (SGD, fp32, on the
+    backend's device), timed by its :class:`~dist_reid.engine.hooks.TimerHook`. The CPU time is
+    the steadier number on a shared machine, where wall time depends on the load."""
+    from dist_reid.engine.backends import create_backend
+    from dist_reid.engine.trainer import Trainer
+
+    backend = create_backend("accelerate", mixed_precision="no")
+    batch = {k: v.to(backend.device) for k, v in batch.items()}
     opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=1e-4)
-    device = batch["images"].device
-
-    def step() -> None:
-        outputs = {k: v.float() for k, v in _forward(model, batch).items()}
-        terms = loss_fn(outputs, batch["labels"], batch["modalities"])
-        total = sum(terms.values())
-        opt.zero_grad(set_to_none=True)
-        total.backward()
-        opt.step()
-
-    for _ in range(warmup):
-        step()
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    start, cpu_start = time.perf_counter(), time.process_time()
-    for _ in range(steps):
-        step()
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    images = batch["images"].shape[0] * steps
-    return images / (time.perf_counter() - start), (time.process_time() - cpu_start) / images
+    timer, cpu = TimerHook(warmup_steps=warmup), _ProcessTime(warmup)
+    trainer = Trainer(
+        model,
+        loss_fn,
+        RepeatedBatch(batch, warmup + steps),
+        opt,
+        torch.optim.lr_scheduler.LambdaLR(opt, lambda epoch: 1.0),
+        backend,
+        [timer, cpu],
+        epochs=1,
+    )
+    trainer.fit()
+    summary = timer.summary()
+    return summary["images_per_s"], cpu.seconds / (summary["images_per_step"] * steps)
 
 
 def bench_method(
@@ -153,21 +196,26 @@ def bench_method(
         "params_M": sum(p.numel() for p in model.parameters()) / 1e6,
         "gflops": count_gflops(model, _batch(1, 1, h, w, torch.device("cpu"))) / 2,
     }
-    cpu_batch = _batch(ids, instances, h, w, torch.device("cpu"))
-    row["cpu_batch"] = cpu_batch["images"].shape[0]
-    row["cpu_train_img_s"], row["cpu_s_per_img"] = train_throughput(
-        model, loss_fn, cpu_batch, steps, warmup
-    )
-    use_gpu = torch.cuda.is_available() if gpu is None else gpu
-    row["gpu_train_img_s"] = None
-    if use_gpu:
-        dev = torch.device("cuda")
-        model.to(dev)
-        # the recipes' per-GPU batch: 8 ids x 4 per modality
-        gpu_batch = _batch(8, 4, h, w, dev)
-        row["gpu_batch"] = gpu_batch["images"].shape[0]
-        row["gpu_train_img_s"], _ = train_throughput(model, loss_fn, gpu_batch, 3 * steps, 2)
-        model.cpu()
+    # The engine trains on the device it sees: one column per machine.
+    cuda = torch.cuda.is_available()
+    if gpu is not None and gpu != cuda:
+        raise ValueError(
+            "the GPU column needs CUDA"
+            if gpu
+            else "--no-gpu: the engine trains on the GPU it sees; time the CPU with "
+            "CUDA_VISIBLE_DEVICES= (no GPU visible)"
+        )
+    row |= {"cpu_train_img_s": None, "cpu_s_per_img": None, "gpu_train_img_s": None}
+    if cuda:  # the recipes' per-GPU batch: 8 ids x 4 per modality
+        batch = _batch(8, 4, h, w, torch.device("cpu"))
+        row["gpu_batch"] = batch["images"].shape[0]
+        row["gpu_train_img_s"], _ = train_throughput(model, loss_fn, batch, 3 * steps, 2)
+    else:
+        batch = _batch(ids, instances, h, w, torch.device("cpu"))
+        row["cpu_batch"] = batch["images"].shape[0]
+        row["cpu_train_img_s"], row["cpu_s_per_img"] = train_throughput(
+            model, loss_fn, batch, steps, warmup
+        )
     return row
 
 
@@ -224,7 +272,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--steps", type=int, default=3, help="timed training steps")
     parser.add_argument("--warmup", type=int, default=1, help="untimed training steps first")
     parser.add_argument(
-        "--no-gpu", dest="gpu", action="store_false", default=None, help="skip the GPU column"
+        "--no-gpu",
+        dest="gpu",
+        action="store_false",
+        default=None,
+        help="time on the CPU only (an error where a GPU is visible)",
     )
     parser.add_argument("--out", default="runs/bench", help="report folder (default: runs/bench)")
     parser.add_argument(

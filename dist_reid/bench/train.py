@@ -15,15 +15,14 @@ import resource
 import subprocess
 import sys
 import tempfile
-import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-import torch
-
 from dist_reid.bench.common import machine_info, markdown_table, write_report
 from dist_reid.engine.cpu_threads import threads_per_process
+from dist_reid.engine.hooks import PHASES as PHASES  # the report's phase columns
+from dist_reid.engine.hooks import TimerHook
 
 DEFAULT_CONFIG = "configs/experiments/demo_sysu_agw.yaml"
 MODES = {
@@ -50,78 +49,42 @@ MODES = {
         "train.kernels=auto",
     ),
 }
-PHASES = ("data_wait", "forward", "backward", "optimizer")
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def measure(config: str, overrides: Sequence[str], steps: int, warmup: int) -> dict[str, Any]:
-    """Run ``warmup + steps`` optimiser steps and time each phase (this rank's view)."""
+    """Train ``warmup + steps`` optimiser steps with the engine's own loop (``build_trainer``
+    with the timing hook alone: no checkpoints, evaluation or logging) and report this rank's
+    view: images/s and ms per phase of the steps after ``warmup``, and peak memory."""
     from dist_reid.config import load_config
-    from dist_reid.engine.trainer import Trainer
+    from dist_reid.engine.build import build_trainer
 
     with tempfile.TemporaryDirectory() as out:
         cfg = load_config(
             config,
-            [*overrides, f"run.output_dir={out}", "run.name=bench", "train.tensorboard=false"],
+            [
+                *overrides,
+                f"run.output_dir={out}",
+                "run.name=bench",
+                f"train.max_steps={warmup + steps}",
+                f"train.epochs={warmup + steps}",  # at least one step an epoch
+            ],
         )
-        trainer = Trainer(cfg)
+        timer = TimerHook(warmup_steps=warmup)
+        trainer = build_trainer(cfg, hooks=[timer])
         b = trainer.backend
-        trainer.pipeline.set_epoch(0)
-        if b.device.type == "cuda":
-            torch.cuda.reset_peak_memory_stats(b.device)
-        totals = dict.fromkeys(PHASES, 0.0)
-        images = 0
-        iterator = iter(trainer.pipeline.iterate(0))
-        for step in range(warmup + steps):
-            t0 = time.perf_counter()
-            try:
-                batch = next(iterator)
-            except StopIteration:
-                trainer.pipeline.set_epoch(step)
-                iterator = iter(trainer.pipeline.iterate(0))
-                batch = next(iterator)
-            t1 = time.perf_counter()
-            x = batch["images"].to(b.device, non_blocking=True)
-            if cfg.train.channels_last:
-                x = x.contiguous(memory_format=torch.channels_last)
-            labels, mods = batch["labels"].to(b.device), batch["modalities"].to(b.device)
-            extras = {n: batch[n].to(b.device) for n in trainer.batch_extras}
-            with b.accumulate(trainer.model):
-                with b.autocast():
-                    outputs = trainer.forward(x, mods, **extras)
-                _sync(b.device)
-                t2 = time.perf_counter()
-                total = sum(
-                    trainer.loss({k: v.float() for k, v in outputs.items()}, labels, mods).values()
-                )
-                b.backward(total)
-                _sync(b.device)
-                t3 = time.perf_counter()
-                b.step(trainer.optimizer)
-                _sync(b.device)
-                t4 = time.perf_counter()
-            if step >= warmup:
-                for name, seconds in zip(PHASES, (t1 - t0, t2 - t1, t3 - t2, t4 - t3), strict=True):
-                    totals[name] += seconds
-                images += len(x)
-        elapsed = sum(totals.values())
-        peak = (
-            torch.cuda.max_memory_allocated(b.device) / 2**20
-            if b.device.type == "cuda"
-            else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-        )
+        trainer.fit()
+        timed = timer.summary()
+        if timed["timed_steps"] != steps:
+            raise RuntimeError(f"timed {timed['timed_steps']} steps, expected {steps}")
+        peak = timed.pop("peak_memory_mib")
         result = {
             "rank": b.rank,
             "world_size": b.world_size,
-            "images_per_s": images / elapsed,
-            "images_per_step": images / steps,
-            **{f"{name}_ms": 1000 * totals[name] / steps for name in PHASES},
-            "peak_memory_mib": peak,
-            "peak_memory_kind": "cuda allocated" if b.device.type == "cuda" else "process max RSS",
+            **timed,
+            "peak_memory_mib": peak
+            if peak is not None
+            else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+            "peak_memory_kind": "cuda allocated" if peak is not None else "process max RSS",
             "pipeline": getattr(trainer.pipeline, "name", type(trainer.pipeline).__name__),
         }
         gathered = b.all_gather_object(result)

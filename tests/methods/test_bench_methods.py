@@ -28,6 +28,8 @@ TINY = ["data.height=64", "data.width=32", "model.backbone=resnet18", "model.pre
 class _Toy(nn.Module):
     """Linear on the flattened image; records the cameras it was given."""
 
+    batch_fields = ("cams",)
+
     def __init__(self) -> None:
         super().__init__()
         self.fc = nn.Linear(12, 4)
@@ -49,7 +51,7 @@ def test_count_gflops_matches_linear_formula():
     # 2 rows x 12 inputs x 4 outputs multiply-accumulates, 2 FLOPs each
     assert count_gflops(model, batch) == pytest.approx(2 * 2 * 12 * 4 / 1e9)
     assert model.training  # restored after the eval-mode count
-    assert model.seen_cams.tolist() == [1, 3]  # cams passed because forward names them
+    assert model.seen_cams.tolist() == [1, 3]  # cams passed: the contract names them
 
 
 def test_batch_has_the_sampler_layout():
