@@ -144,7 +144,9 @@ def _layout_consistency(
     ).mean()
 
 
-def _modality_rows(layout: BatchLayout | None, modalities: torch.Tensor, code: int):
+def _modality_rows(
+    layout: BatchLayout | None, modalities: torch.Tensor, code: int
+) -> slice | torch.Tensor | None:
     """Rows of modality ``code``: the layout's half (a slice: no host sync), else a mask, or
     ``None`` when the batch has none (reading the mask syncs)."""
     if layout is not None:

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import host_syncs_raise, sampler_layout_labels
+from conftest import host_syncs_raise, sampler_layout_labels, tiny_run_overrides
 from reid_kernels import BatchLayout, dispatch
 
 from dist_reid.builders import build_loss, build_model
@@ -328,17 +328,10 @@ def test_configs_build(dataset):
 @pytest.mark.slow
 def test_two_process_training_loss_falls(synthetic_trees, tmp_path, two_process_probe):
     root, _ = synthetic_trees["sysu"]
-    overrides = [
-        f"data.root={root}",
-        f"run.output_dir={tmp_path}",
-        "run.name=emif",
-        "data.height=64",
-        "data.width=32",
-        "data.num_workers=0",
-        "train.ids_per_batch=4",
-        "train.instances_per_modality=2",
-        "train.tensorboard=false",
-        "train.kernels=torch",
+    overrides = tiny_run_overrides(
+        root,
+        tmp_path,
+        "emif",
         "model.backbone=resnet18",
         "model.options.branch=light",
         "model.options.branch_dim=64",
@@ -346,5 +339,6 @@ def test_two_process_training_loss_falls(synthetic_trees, tmp_path, two_process_
         "optim.warmup_epochs=0",
         "optim.lr_mults={backbone: 1.0}",
         "train.lr=0.0005",
-    ]
+        eval_subset=False,
+    )
     two_process_probe(str(REPO / "configs/sysu/emif.yaml"), 10, overrides)  # in sync, loss falls

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import tiny_run_overrides
 
 from dist_reid.builders import build_loss, build_model
 from dist_reid.config import load_config
@@ -299,22 +300,16 @@ def test_unknown_option_is_a_config_error():
 @pytest.mark.slow
 def test_two_process_training_loss_falls(synthetic_trees, tmp_path, two_process_probe):
     root, _ = synthetic_trees["sysu"]
-    overrides = [
-        f"data.root={root}",
-        f"run.output_dir={tmp_path}",
-        "run.name=icre",
-        "data.height=64",
-        "data.width=32",
-        "data.num_workers=0",
-        "train.ids_per_batch=4",
-        "train.instances_per_modality=2",
-        "train.tensorboard=false",
-        "train.kernels=torch",
+    overrides = tiny_run_overrides(
+        root,
+        tmp_path,
+        "icre",
         "model.backbone=resnet18",
         "model.options.mpfr_channels=64",
         "optim.name=adamw",
         "optim.warmup_epochs=0",
         "optim.lr_mults={backbone: 1.0}",
         "train.lr=0.0005",
-    ]
+        eval_subset=False,
+    )
     two_process_probe(str(REPO / "configs/sysu/icre.yaml"), 10, overrides)  # in sync, loss falls

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import host_syncs_raise, sampler_layout_labels
+from conftest import host_syncs_raise, sampler_layout_labels, tiny_run_overrides
 from reid_kernels import BatchLayout, dispatch, triplet_mining_loss_reference
 
 from dist_reid.builders import build_loss, build_model
@@ -710,22 +710,16 @@ def test_paper_preset_turns_the_code_extras_off(tmp_path):
 @pytest.mark.slow
 def test_two_process_training_loss_falls(synthetic_trees, tmp_path, two_process_probe):
     root, _ = synthetic_trees["sysu"]
-    overrides = [
-        f"data.root={root}",
-        f"run.output_dir={tmp_path}",
-        "run.name=ddp",
-        "data.height=64",
-        "data.width=32",
-        "data.num_workers=0",
+    overrides = tiny_run_overrides(
+        root,
+        tmp_path,
+        "ddp",
         "data.augment.random_erasing=0",
         "model.backbone=resnet18",
-        "train.ids_per_batch=4",
-        "train.instances_per_modality=2",
-        "train.tensorboard=false",
-        "train.kernels=torch",
         "train.lr=0.05",
         "optim.warmup_epochs=0",
-    ]
+        eval_subset=False,
+    )
     ranks = two_process_probe(str(REPO / "configs/sysu/pdm.yaml"), 6, overrides)
     assert [r["batch"] for r in ranks] == [8, 8]
 
