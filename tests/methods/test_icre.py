@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import tiny_run_overrides
+from conftest import host_syncs_raise, sampler_layout_labels, tiny_run_overrides
 
 from dist_reid.builders import build_loss, build_model
 from dist_reid.config import load_config
@@ -262,6 +262,28 @@ def test_sampler_layout_gives_the_same_terms_and_gradients(backend):
             labels,
             1 - mods,
         )
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_sampler_layout_reads_no_value_on_the_host(backend):
+    """The CPU stand-in for "no host sync": after the first (checked) batch, ICRE's loss,
+    forward and backward, calls none of the ops that sync on a GPU."""
+    from reid_kernels import BatchLayout, dispatch
+
+    if backend == "triton" and not dispatch.INTERPRET:
+        pytest.skip("TRITON_INTERPRET=1 was not set before import")
+    layout = BatchLayout(3, 2, infrared_first=True)
+    labels, mods = sampler_layout_labels(layout)
+    loss = ICRELoss(kernels=backend, batch_layout=layout, triplet="wrt")
+    x = torch.randn(12, 8, requires_grad=True)
+    out = {"logits": torch.randn(12, 60), "features": x, "bn_features": x}
+    first = loss(out, labels, mods)
+    with host_syncs_raise():
+        terms = loss(out, labels, mods)
+        sum(terms.values()).backward()
+    for name in first:
+        torch.testing.assert_close(terms[name], first[name])
+    assert torch.isfinite(x.grad).all() and x.grad.abs().sum() > 0
 
 
 def test_batch_layout_is_not_a_config_key():
