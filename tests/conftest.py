@@ -171,3 +171,16 @@ def host_syncs_raise() -> Iterator[None]:
             patch.setattr(torch.Tensor, name, syncs)
         patch.setattr(torch.Tensor, "__getitem__", no_mask_getitem)
         yield
+
+
+@contextlib.contextmanager
+def cuda_syncs_raise() -> Iterator[None]:
+    """On a GPU, the real check behind :func:`host_syncs_raise`: inside the block every
+    CUDA host sync raises (``torch.cuda.set_sync_debug_mode("error")``). Import it as
+    ``from conftest import cuda_syncs_raise``."""
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        yield
+    finally:
+        torch.cuda.set_sync_debug_mode("default")

@@ -9,7 +9,12 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import host_syncs_raise, sampler_layout_labels, tiny_run_overrides
+from conftest import (
+    cuda_syncs_raise,
+    host_syncs_raise,
+    sampler_layout_labels,
+    tiny_run_overrides,
+)
 from reid_kernels import BatchLayout, dispatch
 
 from dist_reid.builders import build_loss, build_model
@@ -302,6 +307,25 @@ def test_sampler_layout_reads_no_value_on_the_host(backend):
         assert all(torch.isfinite(g).all() and g.abs().sum() > 0 for g in grads.values())
     with pytest.raises(AssertionError, match="host-syncing"), host_syncs_raise():
         _emif_terms(EMIFLoss(kernels=backend), outputs, labels, mods)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("scope", ["batch", "identity"])
+def test_cuda_layout_path_has_no_host_sync_and_matches(scope):
+    layout = BatchLayout(8, 4)
+    labels, mods = (t.cuda() for t in sampler_layout_labels(layout))
+    outputs = {k: v.cuda() for k, v in _layout_outputs(layout, dtype=torch.float32).items()}
+    loss = EMIFLoss(kernels="auto", batch_layout=layout, dist_scope=scope)
+    _emif_terms(loss, outputs, labels, mods)  # checks the layout and compiles the kernels
+    with cuda_syncs_raise():
+        terms, grads = _emif_terms(loss, outputs, labels, mods)
+    want, want_grads = _emif_terms(
+        EMIFLoss(kernels="torch", dist_scope=scope), outputs, labels, mods
+    )
+    for key in want:
+        torch.testing.assert_close(terms[key], want[key], rtol=1e-4, atol=1e-4, msg=key)
+    for key in want_grads:
+        torch.testing.assert_close(grads[key], want_grads[key], rtol=1e-4, atol=1e-4, msg=key)
 
 
 # -- configs -------------------------------------------------------------------------------

@@ -10,7 +10,12 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import host_syncs_raise, sampler_layout_labels, tiny_run_overrides
+from conftest import (
+    cuda_syncs_raise,
+    host_syncs_raise,
+    sampler_layout_labels,
+    tiny_run_overrides,
+)
 from reid_kernels import BatchLayout, dispatch, triplet_mining_loss_reference
 
 from dist_reid.builders import build_loss, build_model
@@ -737,6 +742,23 @@ def test_cuda_kernels_match_the_torch_reference():
     for key in ref:
         assert torch.isfinite(fused[key]), key
         torch.testing.assert_close(fused[key], ref[key], rtol=1e-4, atol=1e-4, msg=key)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("forms", [{}, PAPER_FORMS], ids=["official", "paper"])
+def test_cuda_layout_path_has_no_host_sync_and_matches(forms):
+    layout = BatchLayout(8, 4)
+    labels, mods = (t.cuda() for t in sampler_layout_labels(layout))
+    outputs = {k: v.cuda() for k, v in _layout_outputs(layout, dtype=torch.float32).items()}
+    loss = PDMLoss(kernels="auto", batch_layout=layout, **forms)
+    _pdm_terms(loss, outputs, labels, mods)  # checks the layout and compiles the kernels
+    with cuda_syncs_raise():
+        terms, grads = _pdm_terms(loss, outputs, labels, mods)
+    want, want_grads = _pdm_terms(PDMLoss(kernels="torch", **forms), outputs, labels, mods)
+    for key in want:
+        torch.testing.assert_close(terms[key], want[key], rtol=1e-4, atol=1e-4, msg=key)
+    for a, b in zip(grads, want_grads, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
 
 
 def test_num_prototypes_switch_through_the_config():
