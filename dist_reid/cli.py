@@ -61,12 +61,14 @@ def _cmd_synth(args: argparse.Namespace) -> int:
 
 def _cmd_eval(args: argparse.Namespace) -> int:
     from dist_reid.engine.evaluate import run_evaluation
-    from dist_reid.engine.trained import checkpoint_config, evaluation_dir
+    from dist_reid.engine.trained import checkpoint_config, evaluation_dir, read_trained_state
 
-    cfg = checkpoint_config(args.checkpoint, args.config, args.overrides)
+    state = read_trained_state(args.checkpoint)  # read once, for the config and the weights
+    cfg = checkpoint_config(args.checkpoint, args.config, args.overrides, state=state)
     run_evaluation(
         cfg,
         checkpoint=args.checkpoint,
+        checkpoint_state=state,
         features=args.features,
         untrained=args.untrained,
         out_dir=evaluation_dir(args.checkpoint, cfg, args.name),
@@ -131,15 +133,20 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 def _cmd_extract(args: argparse.Namespace) -> int:
     from dist_reid.builders import build_dataset, build_model, evaluation_plan
     from dist_reid.engine.evaluate import save_features
-    from dist_reid.engine.trained import checkpoint_config, load_trained_model
+    from dist_reid.engine.trained import (
+        checkpoint_config,
+        load_trained_model,
+        read_trained_state,
+    )
     from dist_reid.evaluation.features import extract_features
 
     if not (args.checkpoint or args.untrained):
         raise ValueError("give --checkpoint, or --untrained to extract with random weights")
-    cfg = checkpoint_config(args.checkpoint, args.config, args.overrides)
+    state = read_trained_state(args.checkpoint)  # read once, for the config and the weights
+    cfg = checkpoint_config(args.checkpoint, args.config, args.overrides, state=state)
     dataset = build_dataset(cfg)
     if args.checkpoint:
-        model = load_trained_model(args.checkpoint, cfg, dataset.num_train_ids)
+        model = load_trained_model(args.checkpoint, cfg, dataset.num_train_ids, state=state)
     else:
         model = build_model(cfg, dataset.num_train_ids, pretrained=False)
     # every trial's images: the file may later be scored on any of them
@@ -177,12 +184,18 @@ def _cmd_plot(args: argparse.Namespace) -> int:
         print(f"wrote {compare_cmc(args.compare, args.out / 'cmc_compare.png', args.setting)}")
         return 0
     from dist_reid.engine.figures import model_figures
-    from dist_reid.engine.trained import checkpoint_config
+    from dist_reid.engine.trained import checkpoint_config, read_trained_state
 
     if not (args.checkpoint or args.untrained):
-        raise ValueError("plot needs --checkpoint (or -c with --untrained), or --compare RUN_DIR ...")
-    cfg = checkpoint_config(args.checkpoint, args.config, args.overrides)
-    for path in model_figures(cfg, args.checkpoint, args.out, trial=args.trial):
+        raise ValueError(
+            "plot needs --checkpoint (or -c with --untrained), or --compare RUN_DIR ..."
+        )
+    state = read_trained_state(args.checkpoint)  # read once, for the config and the weights
+    cfg = checkpoint_config(args.checkpoint, args.config, args.overrides, state=state)
+    figures = model_figures(
+        cfg, args.checkpoint, args.out, trial=args.trial, checkpoint_state=state
+    )
+    for path in figures:
         print(f"wrote {path}")
     return 0
 
@@ -197,12 +210,14 @@ def _cmd_report(args: argparse.Namespace) -> int:
 
 def _cmd_export(args: argparse.Namespace) -> int:
     from dist_reid.engine.export import export_onnx
-    from dist_reid.engine.trained import checkpoint_config
+    from dist_reid.engine.trained import checkpoint_config, read_trained_state
 
     if not (args.checkpoint or args.untrained):
         raise ValueError("export needs --checkpoint (or --untrained for random weights)")
-    cfg = checkpoint_config(args.checkpoint, args.config, args.overrides)
-    for modality, info in export_onnx(cfg, args.checkpoint, args.out).items():
+    state = read_trained_state(args.checkpoint)  # read once, for the config and the weights
+    cfg = checkpoint_config(args.checkpoint, args.config, args.overrides, state=state)
+    exported = export_onnx(cfg, args.checkpoint, args.out, checkpoint_state=state)
+    for modality, info in exported.items():
         print(f"wrote {info['file']} ({modality}; max |onnx - eager| = {info['max_abs_diff']:.2e})")
     return 0
 

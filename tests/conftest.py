@@ -8,6 +8,8 @@ import os
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRITON_INTERPRET", "1")
 
+import contextlib
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -126,3 +128,59 @@ def tiny_run_overrides(
         *subset,
         *extra,
     ]
+
+
+def sampler_layout_labels(layout, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """(labels, modalities) of a batch in ``layout`` (a ``reid_kernels.BatchLayout``) as the
+    sampler lays it out: distinct, unsorted identities, K rows each in both halves. Import it
+    as ``from conftest import sampler_layout_labels``."""
+    p, k = layout.identities, layout.instances
+    ids = torch.randperm(30, generator=torch.Generator().manual_seed(seed))[:p] * 2 + 1
+    labels = ids.repeat_interleave(k).repeat(2)
+    first = int(layout.infrared_first)
+    modalities = torch.cat([torch.full((p * k,), first), torch.full((p * k,), 1 - first)])
+    return labels, modalities
+
+
+# torch functions that read device values on the host (a sync on a GPU) to size their output.
+HOST_SYNC_OPS = ("unique", "nonzero", "bincount", "argwhere", "masked_select")
+
+
+@contextlib.contextmanager
+def host_syncs_raise() -> Iterator[None]:
+    """The CPU stand-in for "no host sync": inside the block, the ops that sync on a GPU raise
+    ``AssertionError("a host-syncing op was called")``: :data:`HOST_SYNC_OPS`, ``.item()``,
+    ``.tolist()``, ``.nonzero()``, truth values and int/float conversions of tensors, and
+    indexing with a boolean mask. Import it as ``from conftest import host_syncs_raise``."""
+
+    def syncs(*args, **kwargs):
+        raise AssertionError("a host-syncing op was called")
+
+    getitem = torch.Tensor.__getitem__
+
+    def no_mask_getitem(self, index):
+        parts = index if isinstance(index, tuple) else (index,)
+        if any(isinstance(i, torch.Tensor) and i.dtype == torch.bool for i in parts):
+            raise AssertionError("a host-syncing op was called (boolean-mask indexing)")
+        return getitem(self, index)
+
+    with pytest.MonkeyPatch.context() as patch:
+        for name in HOST_SYNC_OPS:
+            patch.setattr(torch, name, syncs)
+        for name in ("item", "tolist", "nonzero", "__bool__", "__int__", "__float__"):
+            patch.setattr(torch.Tensor, name, syncs)
+        patch.setattr(torch.Tensor, "__getitem__", no_mask_getitem)
+        yield
+
+
+@contextlib.contextmanager
+def cuda_syncs_raise() -> Iterator[None]:
+    """On a GPU, the real check behind :func:`host_syncs_raise`: inside the block every
+    CUDA host sync raises (``torch.cuda.set_sync_debug_mode("error")``). Import it as
+    ``from conftest import cuda_syncs_raise``."""
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        yield
+    finally:
+        torch.cuda.set_sync_debug_mode("default")

@@ -6,8 +6,9 @@ import json
 import logging
 import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from rich.console import Console
@@ -40,9 +41,10 @@ def model_features(
     checkpoint: str | None,
     console: Console,
     num_classes: int,
+    checkpoint_state: Mapping[str, Any] | None = None,
 ) -> FeatureCache:
     if checkpoint is not None:
-        model = load_trained_model(checkpoint, cfg, num_classes)
+        model = load_trained_model(checkpoint, cfg, num_classes, state=checkpoint_state)
     else:
         model = build_model(cfg, num_classes, pretrained=False)  # an untrained floor
     transform = plan.transform()
@@ -152,6 +154,7 @@ def run_evaluation(
     untrained: bool = False,
     console: Console | None = None,
     out_dir: str | Path | None = None,
+    checkpoint_state: Mapping[str, Any] | None = None,
 ) -> ProtocolReport:
     """Run the dataset's full protocol and write config, metrics JSON and table to ``out_dir``
     (default: a new ``<run>/eval/<UTC time>/``, see :func:`evaluation_dir`; a training run's
@@ -159,7 +162,8 @@ def run_evaluation(
 
     Exactly one feature source: a checkpoint, a saved features file, or ``untrained`` (a model
     with random weights, asked for explicitly: the reference silently evaluates an untrained
-    model when its checkpoint is missing, protocols.md pitfall 9).
+    model when its checkpoint is missing, protocols.md pitfall 9). ``checkpoint_state``: the
+    checkpoint's contents when the caller has read them already (one read per command).
     """
     # Piped output (CI logs, files) gets a table wide enough not to wrap.
     console = console or Console(width=None if sys.stdout.isatty() else 132)
@@ -186,7 +190,9 @@ def run_evaluation(
         def one(path: str) -> FeatureCache:
             if features is not None:
                 return saved_features(path, dataset)
-            return model_features(cfg, plan, path, console, dataset.num_train_ids)
+            # a per-trial pattern reads each trial's file; one checkpoint may come already read
+            state = checkpoint_state if path == str(checkpoint) else None
+            return model_features(cfg, plan, path, console, dataset.num_train_ids, state)
 
         feature_fn = per_trial(source, one)
     if plan.trials != evaluation_plan(cfg, dataset, every_trial=True).trials:

@@ -4,7 +4,9 @@ against eager PyTorch through onnxruntime."""
 from __future__ import annotations
 
 import logging
+from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -24,9 +26,11 @@ def export_onnx(
     *,
     parity_batch: int = 3,
     atol: float = 1e-4,
+    checkpoint_state: Mapping[str, Any] | None = None,
 ) -> dict[str, dict[str, float | str]]:
     """Write ``<out>/embed_<modality>.onnx``; return per modality the file and the largest
-    absolute difference to eager PyTorch on a batch size other than the traced one."""
+    absolute difference to eager PyTorch on a batch size other than the traced one.
+    ``checkpoint_state``: the checkpoint's contents when the caller has read them already."""
     try:
         import onnxruntime as ort
     except ImportError:
@@ -37,7 +41,7 @@ def export_onnx(
     out.mkdir(parents=True, exist_ok=True)
     dataset = build_dataset(cfg)
     if checkpoint:
-        model = load_trained_model(checkpoint, cfg, dataset.num_train_ids)
+        model = load_trained_model(checkpoint, cfg, dataset.num_train_ids, state=checkpoint_state)
     else:
         model = build_model(cfg, dataset.num_train_ids, pretrained=False)  # untrained
     model.eval()

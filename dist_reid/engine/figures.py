@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -32,12 +34,14 @@ def model_figures(
     *,
     trial: int = 0,
     num_queries: int = 4,
+    checkpoint_state: Mapping[str, Any] | None = None,
 ) -> list[Path]:
-    """Distance histogram, t-SNE, ranked galleries and Grad-CAM of one trial of the protocol."""
+    """Distance histogram, t-SNE, ranked galleries and Grad-CAM of one trial of the protocol.
+    ``checkpoint_state``: the checkpoint's contents when the caller has read them already."""
     out = Path(out_dir)
     dataset = build_dataset(cfg)
     if checkpoint:
-        model = load_trained_model(checkpoint, cfg, dataset.num_train_ids)
+        model = load_trained_model(checkpoint, cfg, dataset.num_train_ids, state=checkpoint_state)
     else:
         model = build_model(cfg, dataset.num_train_ids, pretrained=False)  # untrained
     plan = evaluation_plan(cfg, dataset)

@@ -6,6 +6,10 @@ class count, so ``--checkpoint`` alone is enough. A ``-c CONFIG`` given as well 
 the evaluation side (:data:`EVALUATION_KEYS`: which dataset, where it lies, how it is scored);
 the model side (architecture, input size, normalisation) stays the checkpoint's. Dotted
 overrides apply last: what the user typed wins.
+
+A tool reads its checkpoint once (:func:`read_trained_state`) and hands the contents to both
+:func:`checkpoint_config` and :func:`load_trained_model` (``state=``): a checkpoint of a large
+model is hundreds of megabytes.
 """
 
 from __future__ import annotations
@@ -13,6 +17,7 @@ from __future__ import annotations
 import copy
 import os
 import time
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -48,16 +53,27 @@ def _get(tree: dict[str, Any], dotted: str) -> Any:
     return tree
 
 
+def read_trained_state(checkpoint: str | os.PathLike[str] | None) -> dict[str, Any] | None:
+    """The contents of ``checkpoint`` (read safely, :func:`read_model_file`), or ``None`` for no
+    checkpoint or a per-trial ``{trial}`` pattern (each trial's file is read when scored)."""
+    if checkpoint is None or "{trial}" in str(checkpoint):
+        return None
+    return read_model_file(checkpoint)
+
+
 def checkpoint_config(
     checkpoint: str | os.PathLike[str] | None,
     config: str | os.PathLike[str] | None = None,
     overrides: tuple[str, ...] | list[str] = (),
+    *,
+    state: Mapping[str, Any] | None = None,
 ) -> ExperimentConfig:
     """The config a tool runs a checkpoint with (module docstring). Without a stored config
-    (a plain state dict, a per-trial ``{trial}`` pattern, no checkpoint) ``-c`` is required."""
-    stored = None
-    if checkpoint is not None and "{trial}" not in str(checkpoint):
-        stored = read_model_file(checkpoint).get("config")
+    (a plain state dict, a per-trial ``{trial}`` pattern, no checkpoint) ``-c`` is required.
+    ``state``: the checkpoint's contents when the caller has read them already (not re-read)."""
+    if state is None:
+        state = read_trained_state(checkpoint)
+    stored = state.get("config") if state is not None else None
     if stored is None:
         if config is None:
             what = f"checkpoint {checkpoint} holds no config" if checkpoint else "no checkpoint"
@@ -74,13 +90,20 @@ def checkpoint_config(
 
 
 def load_trained_model(
-    checkpoint: str | os.PathLike[str], cfg: ExperimentConfig, num_classes: int | None = None
+    checkpoint: str | os.PathLike[str],
+    cfg: ExperimentConfig,
+    num_classes: int | None = None,
+    *,
+    state: Mapping[str, Any] | None = None,
 ) -> nn.Module:
     """The model ``cfg`` describes with the checkpoint's weights (``weights_only``), in eval
     mode. The class count comes from the checkpoint, else ``num_classes``, else the dataset's
     training identities. A file that does not fit is one ValueError naming the first missing,
-    unexpected and differently shaped keys."""
-    state = read_model_file(checkpoint)
+    unexpected and differently shaped keys. ``state``: the contents of ``checkpoint`` when the
+    caller has read them already (:func:`read_trained_state`); the file is then not re-read and
+    ``checkpoint`` only names it in errors."""
+    if state is None:
+        state = read_model_file(checkpoint)
     weights = state["model"] if isinstance(state.get("model"), dict) else state
     classes = state.get("num_classes") or num_classes or build_dataset(cfg).num_train_ids
     model = build_model(cfg, int(classes), pretrained=False)
@@ -112,4 +135,10 @@ def evaluation_dir(
     return run / "eval" / (name or time.strftime("%Y%m%dT%H%M%SZ", time.gmtime()))
 
 
-__all__ = ["EVALUATION_KEYS", "checkpoint_config", "evaluation_dir", "load_trained_model"]
+__all__ = [
+    "EVALUATION_KEYS",
+    "checkpoint_config",
+    "evaluation_dir",
+    "load_trained_model",
+    "read_trained_state",
+]

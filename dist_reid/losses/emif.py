@@ -16,12 +16,16 @@ abstract):
     - 2]`` with ``s = sigma^2``.
 
   ``dist_reduction="mean"`` divides the sum over dimensions by D (scale-stable for 2048-d).
+
+Given the sampler's :class:`reid_kernels.BatchLayout`, each row's identity and modality follow
+from its position: the per-modality rows are the layout's halves (slices) and the segments are
+arange arithmetic, every Gaussian is known to be present, and nothing syncs with the host.
 """
 
 from __future__ import annotations
 
 import torch
-from reid_kernels import segment_mean
+from reid_kernels import BatchLayout, check_layout, segment_mean
 from torch import nn
 
 from dist_reid.losses.identity import identity_loss
@@ -81,19 +85,25 @@ def distribution_consistency(
     reduction: str = "mean",
     var_eps: float = 1e-5,
     backend: str = "auto",
+    layout: BatchLayout | None = None,
 ) -> torch.Tensor:
     """``L_dist`` between the visible and infrared diagonal Gaussians (module docstring).
 
     0 (with a graph) when no pair of Gaussians can be formed (one modality absent).
+    ``layout``: the batch is a :class:`reid_kernels.BatchLayout` (not checked here: see
+    :func:`reid_kernels.check_layout`); the same value without a host sync (identities in slot
+    order rather than sorted, which only permutes the terms of the mean).
     """
+    if scope not in _SCOPES:
+        raise ValueError(f"loss.options.dist_scope must be one of {_SCOPES}, got {scope!r}")
+    if layout is not None:
+        return _layout_consistency(features, layout, divergence, scope, reduction, var_eps, backend)
     mods = modalities.long()
     if scope == "batch":
         seg, num = mods, 2
-    elif scope == "identity":
+    else:
         uniq, inv = torch.unique(labels, return_inverse=True)
         seg, num = inv * 2 + mods, 2 * uniq.shape[0]
-    else:
-        raise ValueError(f"loss.options.dist_scope must be one of {_SCOPES}, got {scope!r}")
     mu, var = gaussian_moments(features, seg, num, backend)
     var = var + var_eps
     both = (torch.bincount(seg, minlength=num).view(-1, 2) > 0).all(dim=1)
@@ -103,6 +113,48 @@ def distribution_consistency(
     return gaussian_divergence(
         mu[:, 0], var[:, 0], mu[:, 1], var[:, 1], divergence, reduction
     ).mean()
+
+
+def _layout_consistency(
+    features: torch.Tensor,
+    layout: BatchLayout,
+    divergence: str,
+    scope: str,
+    reduction: str,
+    var_eps: float,
+    backend: str,
+) -> torch.Tensor:
+    """:func:`distribution_consistency` of a layout batch: segment ``2 * slot + modality`` (or
+    the modality alone) from the row position; every segment holds K rows, so all pairs exist."""
+    if features.shape[0] != layout.rows:
+        raise ValueError(
+            f"layout {tuple(layout)} has {layout.rows} rows, features {features.shape[0]}"
+        )
+    p, k = layout.identities, layout.instances
+    rows = torch.arange(layout.rows, device=features.device)
+    mods = (rows // (p * k)) ^ int(layout.infrared_first)
+    if scope == "batch":
+        seg, num = mods, 2
+    else:
+        seg, num = 2 * ((rows % (p * k)) // k) + mods, 2 * p
+    mu, var = gaussian_moments(features, seg, num, backend)
+    var = var + var_eps
+    return gaussian_divergence(
+        mu[0::2], var[0::2], mu[1::2], var[1::2], divergence, reduction
+    ).mean()
+
+
+def _modality_rows(
+    layout: BatchLayout | None, modalities: torch.Tensor, code: int
+) -> slice | torch.Tensor | None:
+    """Rows of modality ``code``: the layout's half (a slice: no host sync), else a mask, or
+    ``None`` when the batch has none (reading the mask syncs)."""
+    if layout is not None:
+        half = code ^ int(layout.infrared_first)
+        size = layout.rows // 2
+        return slice(half * size, (half + 1) * size)
+    rows = modalities == code
+    return rows if bool(rows.any()) else None
 
 
 def _triplet(
@@ -135,6 +187,10 @@ class EMIFLoss(nn.Module):
     * ``id_weight``, ``triplet_weight``, ``branch_id_weight``, ``intra_weight`` (all 1.0).
     * ``wrt_form`` (``"official"`` | ``"exact"``) for every WRT term: the weights as AGW's
       released code computes them (EMIF is built on AGW) or exact softmaxes.
+
+    ``batch_layout``: the sampler's :class:`reid_kernels.BatchLayout` of every batch (the
+    trainer passes it, not a config key); checked on the first batch, then the per-modality
+    terms and ``L_dist`` run without host syncs. ``None``: arbitrary batches.
     """
 
     def __init__(
@@ -156,6 +212,7 @@ class EMIFLoss(nn.Module):
         label_smoothing: float = 0.0,
         kernels: str = "auto",
         wrt_form: str = "official",
+        batch_layout: BatchLayout | None = None,
     ) -> None:
         super().__init__()
         self.wrt_form = check_wrt_form(wrt_form)
@@ -190,6 +247,9 @@ class EMIFLoss(nn.Module):
         self.intra_weight = intra_weight
         self.label_smoothing = label_smoothing
         self.kernels = kernels
+        # Checked against the first batch (one sync), then trusted, as ICRE does.
+        self.batch_layout = batch_layout
+        self._layout_checked = False
 
     @property
     def required_outputs(self) -> tuple[str, ...]:
@@ -202,6 +262,10 @@ class EMIFLoss(nn.Module):
         self, outputs: dict[str, torch.Tensor], labels: torch.Tensor, modalities: torch.Tensor
     ) -> dict[str, torch.Tensor]:
         ls = self.label_smoothing
+        layout = self.batch_layout
+        if layout is not None and not self._layout_checked:
+            check_layout(labels, modalities, layout)
+            self._layout_checked = True
         terms = {"id": self.id_weight * identity_loss(outputs["logits"], labels, ls)}
         if self.triplet != "none":
             tri = _triplet(
@@ -216,8 +280,8 @@ class EMIFLoss(nn.Module):
         branch_id = outputs["branch_logits"].sum() * 0.0
         intra = branch_id.clone()
         for code in (0, 1):
-            rows = modalities == code
-            if not bool(rows.any()):
+            rows = _modality_rows(layout, modalities, code)
+            if rows is None:
                 continue
             branch_id = branch_id + identity_loss(outputs["branch_logits"][rows], labels[rows], ls)
             if self.intra != "none":
@@ -241,6 +305,7 @@ class EMIFLoss(nn.Module):
             self.dist_reduction,
             self.var_eps,
             self.kernels,
+            layout,
         )
         terms["dist"] = self.beta * dist
         return terms

@@ -4,13 +4,23 @@ Every term is a plain function of tensors (float64-capable on the torch kernels 
 gradient checks); :class:`PDMLoss` assembles them from the model outputs. Distances and centers go
 through ``reid_kernels``. The batch holds ``S`` feature sets stacked along the rows ([original;
 generated 1; ...]); each set is in the sampler's layout, so the labels repeat ``S`` times.
+
+Given that layout (a :class:`reid_kernels.BatchLayout`), the identity and modality of every row
+follow from its position, so the terms take their segments from arange arithmetic instead of
+``torch.unique`` / comparisons of the labels, and nothing syncs with the host.
 """
 
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from reid_kernels import pairwise_distance, segment_mean, triplet_mining_loss
+from reid_kernels import (
+    BatchLayout,
+    check_layout,
+    pairwise_distance,
+    segment_mean,
+    triplet_mining_loss,
+)
 from torch import nn
 
 from dist_reid.losses.identity import identity_loss
@@ -22,9 +32,29 @@ ORT_FORMS = ("released", "normalized")
 
 
 def _compact(labels: torch.Tensor) -> tuple[torch.Tensor, int]:
-    """Labels mapped to 0..P-1 (sorted identity order) and P."""
+    """Labels mapped to 0..P-1 (sorted identity order) and P (``torch.unique``: a host sync)."""
     uniq, inverse = torch.unique(labels, return_inverse=True)
     return inverse, int(uniq.numel())
+
+
+def _layout_slots(rows: int, layout: BatchLayout, device: torch.device) -> torch.Tensor:
+    """Each row's identity slot (0..P-1, the sampler's order) in ``rows`` rows that repeat the
+    layout's ``2 P K`` rows: position arithmetic, no values read."""
+    k = layout.instances
+    return (torch.arange(rows, device=device) % (layout.identities * k)) // k
+
+
+def _layout_modalities(layout: BatchLayout, device: torch.device) -> torch.Tensor:
+    """Each row's modality (0 visible, 1 infrared) in one layout batch, from its half."""
+    half = torch.arange(layout.rows, device=device) // (layout.identities * layout.instances)
+    return half ^ int(layout.infrared_first)
+
+
+def _check_rows(labels: torch.Tensor, rows: int, layout: BatchLayout) -> None:
+    if rows % layout.rows:
+        raise ValueError(f"layout {tuple(layout)} has {layout.rows} rows per set, got {rows} rows")
+    if labels.shape[0] != rows:
+        raise ValueError(f"{labels.shape[0]} labels for {rows} rows")
 
 
 def _diag_distance(a: torch.Tensor, b: torch.Tensor, backend: str) -> torch.Tensor:
@@ -47,6 +77,7 @@ def cpm_loss(
     form: str = "code",
     backend: str = "auto",
     stop_gradient: bool = True,
+    layout: BatchLayout | None = None,
 ) -> torch.Tensor:
     """Center-guided pair mining between original and one generated set (same row order).
 
@@ -57,11 +88,23 @@ def cpm_loss(
     ``stop_gradient=False`` drops the code's detach (sg), for gradient checks only.
     ``form="paper"`` (eq. 3-5, mean over j and k != j, summed over both directions):
     ``[D(c_ir^j,c_v+^j) - D(c_v^j,c_v+^j) - D(c_v^j,c_v^k) + a]_+``.
+    ``layout``: the rows are one :class:`reid_kernels.BatchLayout` batch (not checked here;
+    :func:`reid_kernels.check_layout`); identities then come in slot order, not sorted, which
+    permutes the centers and leaves the value unchanged, and nothing syncs with the host.
     """
     if form not in CPM_FORMS:
         raise ValueError(f"loss.options.cpm_form must be one of {CPM_FORMS}, got {form!r}")
-    ids, p = _compact(labels)
-    ir = (modalities != 0).long()
+    if layout is None:
+        ids, p = _compact(labels)
+        ir = (modalities != 0).long()
+    else:
+        if features.shape[0] != layout.rows:
+            raise ValueError(
+                f"layout {tuple(layout)} has {layout.rows} rows, features {features.shape[0]}"
+            )
+        _check_rows(labels, layout.rows, layout)
+        ids, p = _layout_slots(layout.rows, layout, labels.device), layout.identities
+        ir = _layout_modalities(layout, labels.device)
     seg = torch.cat([ir * p + ids, (2 + ir) * p + ids])
     centers = segment_mean(torch.cat([features, generated]), seg, 4 * p, backend=backend)
     c_v, c_ir, c_vg, c_irg = centers.split(p)
@@ -122,16 +165,23 @@ def dcs_loss(
     form: str = "code",
     anchor_stride: int = 4,
     backend: str = "auto",
+    layout: BatchLayout | None = None,
 ) -> torch.Tensor:
     """Dual-center separation: ``mean_i [|F_i - c_{y_i}| - rho1]_+`` plus a centroid push.
 
     ``form="paper"`` (eq. 10): ``2/(M(M-1)) sum_{j<k} [rho2 - |c_j - c_k|]_+``. ``form="code"``:
     every ``anchor_stride``-th row is an anchor; per anchor, the mean over rows of other
     identities of ``[rho2 - |c_{y_a} - c_{y_o}|]_+``, averaged over anchors.
+    ``layout``: the rows are sets of one :class:`reid_kernels.BatchLayout` batch each (the
+    labels repeat per set); identities come from the row positions, without a host sync.
     """
     if form not in DCS_FORMS:
         raise ValueError(f"loss.options.dcs_form must be one of {DCS_FORMS}, got {form!r}")
-    ids, p = _compact(labels)
+    if layout is None:
+        ids, p = _compact(labels)
+    else:
+        _check_rows(labels, features.shape[0], layout)
+        ids, p = _layout_slots(features.shape[0], layout, labels.device), layout.identities
     centers = segment_mean(features, ids, p, backend=backend)
     to_center = pairwise_distance(features, centers, backend=backend)
     pull = F.relu(to_center.gather(1, ids[:, None]).squeeze(1) - rho1).mean()
@@ -178,6 +228,10 @@ class PDMLoss(nn.Module):
     * ``dcs``: ``dcs_weight * dcs_loss`` on the pre-BN ``F`` (code: rho1 0.01, rho2 0.7);
     * ``ort``: ``ort_weight * ort_loss`` (code: 0.01, raw inner products ``ort_form="released"``;
       0 in the paper preset).
+
+    ``batch_layout``: the sampler's :class:`reid_kernels.BatchLayout` of every batch (the
+    trainer passes it, not a config key); checked on the first batch, then ``cpm`` and ``dcs``
+    run without host syncs. ``None``: arbitrary batches.
     """
 
     def __init__(
@@ -199,6 +253,7 @@ class PDMLoss(nn.Module):
         ort_form: str = "released",
         label_smoothing: float = 0.0,
         kernels: str = "auto",
+        batch_layout: BatchLayout | None = None,
     ) -> None:
         super().__init__()
         for key, value, allowed in (
@@ -225,6 +280,9 @@ class PDMLoss(nn.Module):
         self.ch_form, self.dcs_form, self.rho1, self.rho2 = ch_form, dcs_form, rho1, rho2
         self.dcs_anchor_stride, self.ort_form = dcs_anchor_stride, ort_form
         self.label_smoothing, self.kernels = label_smoothing, kernels
+        # Checked against the first batch (one sync), then trusted, as ICRE does.
+        self.batch_layout = batch_layout
+        self._layout_checked = False
 
     @property
     def required_outputs(self) -> tuple[str, ...]:
@@ -241,6 +299,10 @@ class PDMLoss(nn.Module):
             raise ValueError(f"PDM outputs have {glob.shape[0]} rows, not a multiple of {n} labels")
         all_labels = labels.repeat(sets)
         k = self.kernels
+        layout = self.batch_layout
+        if layout is not None and not self._layout_checked:
+            check_layout(labels, modalities, layout)
+            self._layout_checked = True
         terms: dict[str, torch.Tensor] = {}
         if self.w["id"]:
             terms["id"] = self.w["id"] * (
@@ -256,14 +318,28 @@ class PDMLoss(nn.Module):
                 for s in range(1, sets):
                     gen = x[s * n : (s + 1) * n]
                     cpm = cpm + cpm_loss(
-                        x[:n], gen, labels, modalities, self.cpm_margin, self.cpm_form, k
+                        x[:n],
+                        gen,
+                        labels,
+                        modalities,
+                        self.cpm_margin,
+                        self.cpm_form,
+                        k,
+                        layout=layout,
                     )
             terms["cpm"] = self.w["cpm"] * cpm
         if self.w["ch"]:
             terms["ch"] = self.w["ch"] * ch_loss(outputs["prototype_logits"], self.ch_form, k)
         if self.w["dcs"]:
             terms["dcs"] = self.w["dcs"] * dcs_loss(
-                feat, all_labels, self.rho1, self.rho2, self.dcs_form, self.dcs_anchor_stride, k
+                feat,
+                all_labels,
+                self.rho1,
+                self.rho2,
+                self.dcs_form,
+                self.dcs_anchor_stride,
+                k,
+                layout=layout,
             )
         if self.w["ort"] and sets > 2:
             generated = [glob[s * n : (s + 1) * n] for s in range(1, sets)]

@@ -10,24 +10,15 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import tiny_run_overrides
 
 REPO = Path(__file__).resolve().parents[2]
 CONFIG = str(REPO / "configs/experiments/demo_sysu_agw.yaml")
 
 
 def tiny(root: Path, out: Path, *extra: str) -> list[str]:
-    return [
-        f"data.root={root}",
-        f"run.output_dir={out}",
-        "data.height=64",
-        "data.width=32",
-        "data.num_workers=0",
-        "train.ids_per_batch=4",
-        "train.instances_per_modality=2",
-        "train.tensorboard=false",
-        "train.kernels=torch",
-        *extra,
-    ]
+    # ds_probe.py names each of its runs (run.name after these overrides wins)
+    return tiny_run_overrides(root, out, "ds", *extra, eval_subset=False)
 
 
 @pytest.mark.deepspeed

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import tiny_run_overrides
 
 from dist_reid.engine.preemption import FAULT_RANK_ENV, FAULT_STEP_ENV
 
@@ -38,18 +39,14 @@ def _torchrun(
         str(REPO / "launch/train.py"),
         "-c",
         CONFIG,
-        f"data.root={root}",
-        f"run.output_dir={out}",
-        f"run.name={name}",
-        "data.height=64",
-        "data.width=32",
-        "data.num_workers=0",
-        "train.ids_per_batch=4",
-        "train.instances_per_modality=2",
-        "train.tensorboard=false",
-        "train.kernels=torch",
-        "train.max_steps=6",
-        "train.checkpoint_every_steps=2",
+        *tiny_run_overrides(
+            root,
+            out,
+            name,
+            "train.max_steps=6",
+            "train.checkpoint_every_steps=2",
+            eval_subset=False,
+        ),
         "--resume",  # the restarted workers pick up <run dir>/last.pt
     ]
     return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)

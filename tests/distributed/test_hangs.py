@@ -19,6 +19,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import tiny_run_overrides
 
 from dist_reid.engine.preemption import PREEMPT_DEADLINE_EXIT_CODE, PREEMPTED_EXIT_CODE
 
@@ -97,19 +98,15 @@ def _start_training(root: Path, out: Path, port: int, *extra: str) -> list[subpr
     args = [
         "-c",
         CONFIG,
-        f"data.root={root}",
-        f"run.output_dir={out}",
-        "run.name=hang",
-        "data.height=64",
-        "data.width=32",
-        "data.num_workers=0",
-        "train.ids_per_batch=4",
-        "train.instances_per_modality=2",
-        "train.tensorboard=false",
-        "train.kernels=torch",
-        "train.max_steps=400",
-        "train.checkpoint_every_steps=2",
-        *extra,
+        *tiny_run_overrides(
+            root,
+            out,
+            "hang",
+            "train.max_steps=400",
+            "train.checkpoint_every_steps=2",
+            *extra,
+            eval_subset=False,
+        ),
     ]
     procs = []
     for rank in (0, 1):  # stderr to files: a full pipe would block the rank by itself
@@ -125,13 +122,19 @@ def _start_training(root: Path, out: Path, port: int, *extra: str) -> list[subpr
     return procs
 
 
-def _freeze_rank_one_mid_training(procs: list[subprocess.Popen], last: Path) -> None:
-    """Wait for the first mid-epoch checkpoint (training is under way), then SIGSTOP rank 1."""
+def _wait_for_first_checkpoint(procs: list[subprocess.Popen], last: Path) -> None:
+    """Until the first mid-epoch checkpoint exists (training is under way); every rank must
+    still be running meanwhile."""
     deadline = time.monotonic() + 300
     while not last.exists():
         assert all(p.poll() is None for p in procs), _stderr(last.parent.parent, 0)[-3000:]
         assert time.monotonic() < deadline, "training did not reach its first checkpoint"
         time.sleep(0.2)
+
+
+def _freeze_rank_one_mid_training(procs: list[subprocess.Popen], last: Path) -> None:
+    """Wait for the first mid-epoch checkpoint, then SIGSTOP rank 1."""
+    _wait_for_first_checkpoint(procs, last)
     os.kill(procs[1].pid, signal.SIGSTOP)
 
 
@@ -218,11 +221,7 @@ def test_a_healthy_preemption_still_checkpoints_and_exits_75_with_the_deadline_a
     last = tmp_path / "hang" / "last.pt"
     procs = _start_training(root, tmp_path, free_port(), "train.preempt_grace_s=20")
     try:
-        deadline = time.monotonic() + 300
-        while not last.exists():
-            assert all(p.poll() is None for p in procs), _stderr(tmp_path, 0)[-3000:]
-            assert time.monotonic() < deadline, "training did not reach its first checkpoint"
-            time.sleep(0.2)
+        _wait_for_first_checkpoint(procs, last)
         os.kill(procs[0].pid, signal.SIGTERM)  # rank 0 only: the per-step all-reduce tells rank 1
         codes = [_wait(proc, bound=120)[0] for proc in procs]
     finally:

@@ -10,11 +10,13 @@ from pathlib import Path
 import pytest
 import torch
 
+from dist_reid.builders import build_model
 from dist_reid.cli import main
-from dist_reid.config import load_config
+from dist_reid.config import load_config, plain_config
 from dist_reid.data.synthetic.layouts import generate
+from dist_reid.engine import trained as trained_module
 from dist_reid.engine.build import build_trainer
-from dist_reid.engine.trained import checkpoint_config, load_trained_model
+from dist_reid.engine.trained import checkpoint_config, load_trained_model, read_trained_state
 from dist_reid.models.backbones import state_dict_mismatch
 
 REPO = Path(__file__).resolve().parents[2]
@@ -114,3 +116,35 @@ def test_a_plain_weights_file_without_a_config_asks_for_one(tmp_path):
     torch.save({"w": torch.zeros(1)}, path)
     with pytest.raises(Exception, match=r"w.pt holds no config: give -c CONFIG"):
         checkpoint_config(path)
+
+
+def test_a_command_reads_its_checkpoint_once(tmp_path, monkeypatch):
+    """The config and the weights come from one read of the file: ``state=`` hands the contents
+    read once to both, and ``extract`` does so end to end."""
+    root = tmp_path / "sysu"
+    generate("sysu", root, 4, seed=3, images_per_camera=1)
+    cfg = load_config(CONFIG, [f"data.root={root}", "data.height=64", "data.width=32"])
+    torch.manual_seed(0)
+    model = build_model(cfg, 4, pretrained=False)
+    path = tmp_path / "model.pt"
+    torch.save({"model": model.state_dict(), "config": plain_config(cfg), "num_classes": 4}, path)
+    reads = []
+    real_read = trained_module.read_model_file
+
+    def counting_read(checkpoint):
+        reads.append(Path(checkpoint))
+        return real_read(checkpoint)
+
+    monkeypatch.setattr(trained_module, "read_model_file", counting_read)
+    state = read_trained_state(path)
+    got = checkpoint_config(path, None, ["data.num_workers=0"], state=state)
+    loaded = load_trained_model(path, got, state=state)
+    assert reads == [path] and got.data.num_workers == 0 and got.model == cfg.model
+    for key, value in model.state_dict().items():
+        assert torch.equal(loaded.state_dict()[key], value), key
+    assert read_trained_state(None) is None and read_trained_state("m_{trial}.pt") is None
+    reads.clear()
+    out = tmp_path / "features"
+    command = ["extract", "--checkpoint", str(path), "--out", str(out), "data.num_workers=0"]
+    assert main(command) == 0
+    assert reads == [path]

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import tiny_run_overrides
 
 from dist_reid.data.pipeline import dali_available
 from dist_reid.engine.preemption import PREEMPTED_EXIT_CODE
@@ -26,21 +27,16 @@ STEPS = 8  # the preemption lands around step 3: the periodic checkpoint at step
 
 
 def _overrides(root: Path, out: Path, name: str) -> list[str]:
-    return [
-        f"data.root={root}",
-        f"run.output_dir={out}",
-        f"run.name={name}",
-        "data.height=64",
-        "data.width=32",
+    return tiny_run_overrides(
+        root,
+        out,
+        name,
         "data.pipeline=torch",
-        "data.num_workers=2",
-        "train.ids_per_batch=4",
-        "train.instances_per_modality=2",
-        "train.tensorboard=false",
-        "train.kernels=torch",
+        "data.num_workers=2",  # loader workers, which the stop signals must not kill (last wins)
         f"train.max_steps={STEPS}",
         "train.checkpoint_every_steps=2",
-    ]
+        eval_subset=False,
+    )
 
 
 def _env() -> dict[str, str]:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import host_syncs_raise
 from reid_kernels import (
     BatchLayout,
     batch_identities,
@@ -164,30 +165,20 @@ def test_layout_path_equals_the_general_float64_reference(layout, d, margin, wit
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_layout_path_reads_no_value_on_the_host(backend, monkeypatch):
-    """The CPU stand-in for "no host sync": the layout path never calls the ops that sync on a
-    GPU (unique, nonzero, bincount, .item(), truth values of tensors), forward or backward."""
+def test_layout_path_reads_no_value_on_the_host(backend):
+    """The CPU stand-in for "no host sync" (:func:`conftest.host_syncs_raise`): the layout path
+    never calls the ops that sync on a GPU, forward or backward."""
     _skip_unless_runnable(backend)
     layout = BatchLayout(4, 3, infrared_first=True)
     x, labels, modalities = _layout_batch(layout, 19)
     x = x.float().requires_grad_()
     table = torch.randn(int(labels.max()) + 1, 19, requires_grad=True)
-
-    def syncs(*args, **kwargs):
-        raise AssertionError("a host-syncing op was called")
-
-    for name in ("unique", "nonzero", "bincount", "argwhere", "masked_select"):
-        monkeypatch.setattr(torch, name, syncs)
-    monkeypatch.setattr(torch.Tensor, "item", syncs)
-    monkeypatch.setattr(torch.Tensor, "nonzero", syncs)
-    monkeypatch.setattr(torch.Tensor, "__bool__", syncs)
-    out = center_losses(x, labels, modalities, table, backend=backend, layout=layout)
-    out.total.backward()
-    monkeypatch.undo()
+    with host_syncs_raise():
+        out = center_losses(x, labels, modalities, table, backend=backend, layout=layout)
+        out.total.backward()
     assert torch.isfinite(x.grad).all() and x.grad.abs().sum() > 0
     # and the general path does sync (the stand-in detects what it should)
-    monkeypatch.setattr(torch, "unique", syncs)
-    with pytest.raises(AssertionError, match="host-syncing"):
+    with pytest.raises(AssertionError, match="host-syncing"), host_syncs_raise():
         center_losses(x, labels, modalities, table, backend=backend)
 
 

@@ -9,6 +9,13 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import (
+    cuda_syncs_raise,
+    host_syncs_raise,
+    sampler_layout_labels,
+    tiny_run_overrides,
+)
+from reid_kernels import BatchLayout, dispatch
 
 from dist_reid.builders import build_loss, build_model
 from dist_reid.config import load_config
@@ -202,6 +209,125 @@ def test_loss_switches():
             EMIFLoss(**{key: value})
 
 
+# -- the sampler's layout: the same terms without host syncs --------------------------------
+LAYOUTS = [
+    BatchLayout(1, 1),
+    BatchLayout(2, 3, infrared_first=True),
+    BatchLayout(5, 2),
+    BatchLayout(3, 1, infrared_first=True),
+    BatchLayout(4, 3),
+]
+
+
+def _layout_outputs(layout: BatchLayout, dtype=torch.float64) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(layout.rows)
+    n, d = layout.rows, 6
+    return {
+        "features": torch.randn(n, d, generator=g, dtype=dtype).abs(),
+        "bn_features": torch.randn(n, d, generator=g, dtype=dtype),
+        "logits": torch.randn(n, 60, generator=g, dtype=dtype),
+        "branch_features": torch.randn(n, d, generator=g, dtype=dtype),
+        "branch_logits": torch.randn(n, 60, generator=g, dtype=dtype),
+    }
+
+
+def _emif_terms(loss: EMIFLoss, outputs: dict, labels, mods):
+    """The terms and the gradients of their sum w.r.t. every output."""
+    out = {k: v.clone().requires_grad_() for k, v in outputs.items()}
+    terms = loss(out, labels, mods)
+    sum(terms.values()).backward()
+    return terms, {k: v.grad for k, v in out.items()}
+
+
+@pytest.mark.parametrize("divergence", ["w2", "kl"])
+@pytest.mark.parametrize("scope", ["batch", "identity"])
+@pytest.mark.parametrize("layout", LAYOUTS, ids=str)
+def test_distribution_consistency_layout_equals_the_general_path(layout, scope, divergence):
+    """Float64 values and gradients; identities in slot order only permute the mean's terms."""
+    labels, mods = sampler_layout_labels(layout, seed=layout.rows)
+    x = _layout_outputs(layout)["bn_features"]
+    results = []
+    for lay in (None, layout):
+        xi = x.clone().requires_grad_()
+        value = distribution_consistency(
+            xi, labels, mods, divergence, scope, "mean", 1e-3, "torch", layout=lay
+        )
+        value.backward()
+        results.append((value, xi.grad))
+    assert results[0][0] > 0
+    torch.testing.assert_close(results[1][0], results[0][0])
+    torch.testing.assert_close(results[1][1], results[0][1])
+
+
+@pytest.mark.parametrize(
+    "options",
+    [{}, {"triplet": "hard", "intra": "wrt", "dist_scope": "identity", "divergence": "kl"}],
+    ids=["default", "switched"],
+)
+@pytest.mark.parametrize("layout", LAYOUTS, ids=str)
+def test_sampler_layout_gives_the_same_terms_and_gradients(layout, options):
+    labels, mods = sampler_layout_labels(layout, seed=layout.rows)
+    outputs = _layout_outputs(layout)
+    want, want_grads = _emif_terms(EMIFLoss(kernels="torch", **options), outputs, labels, mods)
+    got, got_grads = _emif_terms(
+        EMIFLoss(kernels="torch", batch_layout=layout, **options), outputs, labels, mods
+    )
+    assert got.keys() == want.keys() == {"id", "triplet", "branch_id", "intra", "dist"}
+    for key in want:
+        torch.testing.assert_close(got[key], want[key], msg=key)
+    for key in want_grads:
+        torch.testing.assert_close(got_grads[key], want_grads[key], msg=key)
+
+
+def test_sampler_layout_refuses_a_batch_that_breaks_it():
+    layout = BatchLayout(2, 2)
+    outputs = _layout_outputs(layout)
+    with pytest.raises(ValueError, match="layout"):  # checked on the first batch
+        EMIFLoss(kernels="torch", batch_layout=layout)(outputs, LABELS, 1 - MODS)
+    with pytest.raises(ValueError, match="layout"):
+        distribution_consistency(outputs["features"][:6], LABELS[:6], MODS[:6], layout=layout)
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_sampler_layout_reads_no_value_on_the_host(backend):
+    """The CPU stand-in for "no host sync": after the first (checked) batch, the whole loss,
+    forward and backward, calls none of the ops that sync on a GPU; without the layout it does."""
+    if backend == "triton" and not dispatch.INTERPRET:
+        pytest.skip("TRITON_INTERPRET=1 was not set before import")
+    layout = BatchLayout(3, 2, infrared_first=True)
+    labels, mods = sampler_layout_labels(layout)
+    outputs = _layout_outputs(layout, dtype=torch.float32)
+    for options in ({}, {"triplet": "hard", "intra": "wrt", "dist_scope": "identity"}):
+        loss = EMIFLoss(kernels=backend, batch_layout=layout, **options)
+        first, _ = _emif_terms(loss, outputs, labels, mods)
+        with host_syncs_raise():
+            terms, grads = _emif_terms(loss, outputs, labels, mods)
+        for key in first:
+            torch.testing.assert_close(terms[key], first[key], msg=key)
+        assert all(torch.isfinite(g).all() and g.abs().sum() > 0 for g in grads.values())
+    with pytest.raises(AssertionError, match="host-syncing"), host_syncs_raise():
+        _emif_terms(EMIFLoss(kernels=backend), outputs, labels, mods)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("scope", ["batch", "identity"])
+def test_cuda_layout_path_has_no_host_sync_and_matches(scope):
+    layout = BatchLayout(8, 4)
+    labels, mods = (t.cuda() for t in sampler_layout_labels(layout))
+    outputs = {k: v.cuda() for k, v in _layout_outputs(layout, dtype=torch.float32).items()}
+    loss = EMIFLoss(kernels="auto", batch_layout=layout, dist_scope=scope)
+    _emif_terms(loss, outputs, labels, mods)  # checks the layout and compiles the kernels
+    with cuda_syncs_raise():
+        terms, grads = _emif_terms(loss, outputs, labels, mods)
+    want, want_grads = _emif_terms(
+        EMIFLoss(kernels="torch", dist_scope=scope), outputs, labels, mods
+    )
+    for key in want:
+        torch.testing.assert_close(terms[key], want[key], rtol=1e-4, atol=1e-4, msg=key)
+    for key in want_grads:
+        torch.testing.assert_close(grads[key], want_grads[key], rtol=1e-4, atol=1e-4, msg=key)
+
+
 # -- configs -------------------------------------------------------------------------------
 @pytest.mark.parametrize("dataset", ["sysu", "regdb", "llcm"])
 def test_configs_build(dataset):
@@ -226,17 +352,10 @@ def test_configs_build(dataset):
 @pytest.mark.slow
 def test_two_process_training_loss_falls(synthetic_trees, tmp_path, two_process_probe):
     root, _ = synthetic_trees["sysu"]
-    overrides = [
-        f"data.root={root}",
-        f"run.output_dir={tmp_path}",
-        "run.name=emif",
-        "data.height=64",
-        "data.width=32",
-        "data.num_workers=0",
-        "train.ids_per_batch=4",
-        "train.instances_per_modality=2",
-        "train.tensorboard=false",
-        "train.kernels=torch",
+    overrides = tiny_run_overrides(
+        root,
+        tmp_path,
+        "emif",
         "model.backbone=resnet18",
         "model.options.branch=light",
         "model.options.branch_dim=64",
@@ -244,5 +363,6 @@ def test_two_process_training_loss_falls(synthetic_trees, tmp_path, two_process_
         "optim.warmup_epochs=0",
         "optim.lr_mults={backbone: 1.0}",
         "train.lr=0.0005",
-    ]
+        eval_subset=False,
+    )
     two_process_probe(str(REPO / "configs/sysu/emif.yaml"), 10, overrides)  # in sync, loss falls

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import host_syncs_raise, sampler_layout_labels, tiny_run_overrides
 
 from dist_reid.builders import build_loss, build_model
 from dist_reid.config import load_config
@@ -263,6 +264,28 @@ def test_sampler_layout_gives_the_same_terms_and_gradients(backend):
         )
 
 
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_sampler_layout_reads_no_value_on_the_host(backend):
+    """The CPU stand-in for "no host sync": after the first (checked) batch, ICRE's loss,
+    forward and backward, calls none of the ops that sync on a GPU."""
+    from reid_kernels import BatchLayout, dispatch
+
+    if backend == "triton" and not dispatch.INTERPRET:
+        pytest.skip("TRITON_INTERPRET=1 was not set before import")
+    layout = BatchLayout(3, 2, infrared_first=True)
+    labels, mods = sampler_layout_labels(layout)
+    loss = ICRELoss(kernels=backend, batch_layout=layout, triplet="wrt")
+    x = torch.randn(12, 8, requires_grad=True)
+    out = {"logits": torch.randn(12, 60), "features": x, "bn_features": x}
+    first = loss(out, labels, mods)
+    with host_syncs_raise():
+        terms = loss(out, labels, mods)
+        sum(terms.values()).backward()
+    for name in first:
+        torch.testing.assert_close(terms[name], first[name])
+    assert torch.isfinite(x.grad).all() and x.grad.abs().sum() > 0
+
+
 def test_batch_layout_is_not_a_config_key():
     cfg = load_config(str(REPO / "configs/sysu/icre.yaml"), ["loss.options.batch_layout=[2,2]"])
     with pytest.raises(ConfigError, match=r"loss\.options\.batch_layout: set by the trainer"):
@@ -299,22 +322,16 @@ def test_unknown_option_is_a_config_error():
 @pytest.mark.slow
 def test_two_process_training_loss_falls(synthetic_trees, tmp_path, two_process_probe):
     root, _ = synthetic_trees["sysu"]
-    overrides = [
-        f"data.root={root}",
-        f"run.output_dir={tmp_path}",
-        "run.name=icre",
-        "data.height=64",
-        "data.width=32",
-        "data.num_workers=0",
-        "train.ids_per_batch=4",
-        "train.instances_per_modality=2",
-        "train.tensorboard=false",
-        "train.kernels=torch",
+    overrides = tiny_run_overrides(
+        root,
+        tmp_path,
+        "icre",
         "model.backbone=resnet18",
         "model.options.mpfr_channels=64",
         "optim.name=adamw",
         "optim.warmup_epochs=0",
         "optim.lr_mults={backbone: 1.0}",
         "train.lr=0.0005",
-    ]
+        eval_subset=False,
+    )
     two_process_probe(str(REPO / "configs/sysu/icre.yaml"), 10, overrides)  # in sync, loss falls

@@ -10,13 +10,27 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from reid_kernels import triplet_mining_loss_reference
+from conftest import (
+    cuda_syncs_raise,
+    host_syncs_raise,
+    sampler_layout_labels,
+    tiny_run_overrides,
+)
+from reid_kernels import BatchLayout, dispatch, triplet_mining_loss_reference
 
 from dist_reid.builders import build_loss, build_model
 from dist_reid.config import load_config
 from dist_reid.config.schema import ConfigError
 from dist_reid.losses import LOSSES
-from dist_reid.losses.pdm import PDMLoss, ch_loss, cpm_loss, dcs_loss, ort_loss
+from dist_reid.losses.pdm import (
+    CPM_FORMS,
+    DCS_FORMS,
+    PDMLoss,
+    ch_loss,
+    cpm_loss,
+    dcs_loss,
+    ort_loss,
+)
 from dist_reid.models import MODELS
 from dist_reid.models.pdm import (
     MFA,
@@ -535,6 +549,101 @@ def test_pdm_loss_assembles_weighted_terms():
     assert terms["ch"] <= 0  # the code form is a negated distance
 
 
+# -- the sampler's layout: the same terms without host syncs ------------------------------------
+LAYOUTS = [
+    BatchLayout(1, 1),
+    BatchLayout(2, 3, infrared_first=True),
+    BatchLayout(5, 2),
+    BatchLayout(3, 1, infrared_first=True),
+    BatchLayout(4, 3),
+]
+PAPER_FORMS = {"cpm_form": "paper", "ch_form": "cosine", "dcs_form": "paper", "ort_weight": 0.0}
+
+
+def _layout_outputs(layout: BatchLayout, sets: int = 3, dtype=torch.float64) -> dict:
+    g = torch.Generator().manual_seed(layout.rows)
+    n, d = sets * layout.rows, 5
+    return {
+        "global": torch.randn(n, d, generator=g, dtype=dtype),
+        "feature": torch.randn(n, d, generator=g, dtype=dtype),
+        "logits_global": torch.randn(n, 60, generator=g, dtype=dtype),
+        "logits_feature": torch.randn(n, 60, generator=g, dtype=dtype),
+        "prototype_logits": torch.randn(n, 3, 4, generator=g, dtype=dtype),
+    }
+
+
+def _pdm_terms(loss: PDMLoss, outputs: dict, labels, mods):
+    """The terms and the gradients of their sum w.r.t. the two feature outputs."""
+    out = {k: v.clone().requires_grad_() for k, v in outputs.items()}
+    terms = loss(out, labels, mods)
+    sum(terms.values()).backward()
+    return terms, (out["global"].grad, out["feature"].grad)
+
+
+@pytest.mark.parametrize("forms", [{}, PAPER_FORMS], ids=["official", "paper"])
+@pytest.mark.parametrize("layout", LAYOUTS, ids=str)
+def test_sampler_layout_gives_the_same_terms_and_gradients(layout, forms):
+    """Float64: with the layout (slot-order segments, no unique) every term and gradient equals
+    the general path's, for awkward P/K and both halves first; the official forms included."""
+    labels, mods = sampler_layout_labels(layout, seed=layout.rows)
+    outputs = _layout_outputs(layout)
+    want, want_grads = _pdm_terms(PDMLoss(kernels="torch", **forms), outputs, labels, mods)
+    got, got_grads = _pdm_terms(
+        PDMLoss(kernels="torch", batch_layout=layout, **forms), outputs, labels, mods
+    )
+    assert got.keys() == want.keys() and {"cpm", "dcs"} <= set(want)
+    for key in want:
+        torch.testing.assert_close(got[key], want[key], msg=key)
+    for a, b in zip(got_grads, want_grads, strict=True):
+        torch.testing.assert_close(a, b)
+    # The term functions directly, on one set and on all three (dcs sees the repeated labels).
+    n, glob = layout.rows, outputs["global"]
+    for form in CPM_FORMS:
+        torch.testing.assert_close(
+            cpm_loss(glob[:n], glob[n : 2 * n], labels, mods, 0.2, form, "torch", layout=layout),
+            cpm_loss(glob[:n], glob[n : 2 * n], labels, mods, 0.2, form, "torch"),
+        )
+    for form in DCS_FORMS:
+        y3 = labels.repeat(3)
+        torch.testing.assert_close(
+            dcs_loss(glob, y3, 0.01, 3.0, form, 3, "torch", layout=layout),
+            dcs_loss(glob, y3, 0.01, 3.0, form, 3, "torch"),
+        )
+
+
+def test_sampler_layout_refuses_a_batch_that_breaks_it():
+    layout = BatchLayout(2, 2)
+    outputs = _layout_outputs(layout)
+    loss = PDMLoss(kernels="torch", batch_layout=layout)
+    with pytest.raises(ValueError, match="layout"):  # checked on the first batch
+        loss(outputs, LABELS, 1 - MODS)
+    with pytest.raises(ValueError, match="layout"):
+        cpm_loss(outputs["global"], outputs["global"][:8], LABELS, MODS, layout=layout)
+    with pytest.raises(ValueError, match="layout"):
+        dcs_loss(outputs["feature"][:7], LABELS[:7], layout=layout)
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("forms", [{}, PAPER_FORMS], ids=["official", "paper"])
+def test_sampler_layout_reads_no_value_on_the_host(backend, forms):
+    """The CPU stand-in for "no host sync": after the first (checked) batch, the whole loss,
+    forward and backward, calls none of the ops that sync on a GPU; without the layout it does."""
+    if backend == "triton" and not dispatch.INTERPRET:
+        pytest.skip("TRITON_INTERPRET=1 was not set before import")
+    layout = BatchLayout(3, 2, infrared_first=True)
+    labels, mods = sampler_layout_labels(layout)
+    outputs = _layout_outputs(layout, dtype=torch.float32)
+    loss = PDMLoss(kernels=backend, batch_layout=layout, **forms)
+    first, _ = _pdm_terms(loss, outputs, labels, mods)
+    with host_syncs_raise():
+        terms, grads = _pdm_terms(loss, outputs, labels, mods)
+    for key in first:
+        torch.testing.assert_close(terms[key], first[key], msg=key)
+    assert all(torch.isfinite(g).all() and g.abs().sum() > 0 for g in grads)
+    with pytest.raises(AssertionError, match="host-syncing"), host_syncs_raise():
+        _pdm_terms(PDMLoss(kernels=backend, **forms), outputs, labels, mods)
+
+
 @pytest.mark.parametrize(
     "options, key",
     [
@@ -606,22 +715,16 @@ def test_paper_preset_turns_the_code_extras_off(tmp_path):
 @pytest.mark.slow
 def test_two_process_training_loss_falls(synthetic_trees, tmp_path, two_process_probe):
     root, _ = synthetic_trees["sysu"]
-    overrides = [
-        f"data.root={root}",
-        f"run.output_dir={tmp_path}",
-        "run.name=ddp",
-        "data.height=64",
-        "data.width=32",
-        "data.num_workers=0",
+    overrides = tiny_run_overrides(
+        root,
+        tmp_path,
+        "ddp",
         "data.augment.random_erasing=0",
         "model.backbone=resnet18",
-        "train.ids_per_batch=4",
-        "train.instances_per_modality=2",
-        "train.tensorboard=false",
-        "train.kernels=torch",
         "train.lr=0.05",
         "optim.warmup_epochs=0",
-    ]
+        eval_subset=False,
+    )
     ranks = two_process_probe(str(REPO / "configs/sysu/pdm.yaml"), 6, overrides)
     assert [r["batch"] for r in ranks] == [8, 8]
 
@@ -639,6 +742,23 @@ def test_cuda_kernels_match_the_torch_reference():
     for key in ref:
         assert torch.isfinite(fused[key]), key
         torch.testing.assert_close(fused[key], ref[key], rtol=1e-4, atol=1e-4, msg=key)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("forms", [{}, PAPER_FORMS], ids=["official", "paper"])
+def test_cuda_layout_path_has_no_host_sync_and_matches(forms):
+    layout = BatchLayout(8, 4)
+    labels, mods = (t.cuda() for t in sampler_layout_labels(layout))
+    outputs = {k: v.cuda() for k, v in _layout_outputs(layout, dtype=torch.float32).items()}
+    loss = PDMLoss(kernels="auto", batch_layout=layout, **forms)
+    _pdm_terms(loss, outputs, labels, mods)  # checks the layout and compiles the kernels
+    with cuda_syncs_raise():
+        terms, grads = _pdm_terms(loss, outputs, labels, mods)
+    want, want_grads = _pdm_terms(PDMLoss(kernels="torch", **forms), outputs, labels, mods)
+    for key in want:
+        torch.testing.assert_close(terms[key], want[key], rtol=1e-4, atol=1e-4, msg=key)
+    for a, b in zip(grads, want_grads, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
 
 
 def test_num_prototypes_switch_through_the_config():
