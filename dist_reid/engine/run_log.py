@@ -212,12 +212,13 @@ _DEPRECATED_TENSORBOARD = (
 )
 
 
-def tracker_names(train: TrainConfig) -> tuple[str, ...]:
+def tracker_names(train: TrainConfig, warn: bool = True) -> tuple[str, ...]:
     """``train.trackers``, less ``tensorboard`` when the deprecated ``train.tensorboard`` is
-    false (the config of older runs and scripts; a one-line warning says so)."""
+    false (the config of older runs and scripts; with ``warn``, a one-line warning says so)."""
     names = tuple(train.trackers)
     if not train.tensorboard:
-        logging.getLogger(__name__).warning(_DEPRECATED_TENSORBOARD)
+        if warn:
+            logging.getLogger(__name__).warning(_DEPRECATED_TENSORBOARD)
         names = tuple(name for name in names if name != "tensorboard")
     return names
 
@@ -321,7 +322,8 @@ class MetricTrackers:
     ) -> MetricTrackers:
         """From ``train.trackers`` (and the deprecated ``train.tensorboard``); ``enabled`` on
         rank 0 only. Call it on every rank: a tracker that cannot run is refused on all."""
-        return cls(tracker_names(cfg.train), run_dir, run_name=cfg.run.name, enabled=enabled)
+        names = tracker_names(cfg.train, warn=enabled)  # the deprecation once, from rank 0
+        return cls(names, run_dir, run_name=cfg.run.name, enabled=enabled)
 
     def _build(self, name: str, run_name: str) -> Any:
         from accelerate import tracking

@@ -265,6 +265,9 @@ def test_deprecated_tensorboard_false_drops_tensorboard(caplog):
     with caplog.at_level(logging.WARNING, logger="dist_reid.engine.run_log"):
         assert tracker_names(cfg.train) == ()
     assert "train.tensorboard is deprecated" in caplog.text
+    caplog.clear()
+    off_rank_zero = MetricTrackers.from_config(cfg, "unused", enabled=False)
+    assert off_rank_zero.names == () and not caplog.records  # warned once, by rank 0
     cfg = load_config(CONFIG, ["train.trackers=[tensorboard,mlflow]", "train.tensorboard=false"])
     assert tracker_names(cfg.train) == ("mlflow",)
     assert tracker_names(load_config(CONFIG).train) == ("tensorboard",)
