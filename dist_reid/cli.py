@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import logging
 import os
 import sys
 from collections.abc import Sequence
@@ -465,10 +464,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             args.overrides = [*args.overrides, *extra]
         else:
             parser.parse_args(argv)
-    logging.basicConfig(
-        level=logging.DEBUG if args.verbose else logging.INFO,
-        format="%(levelname)s %(name)s: %(message)s",
-    )
+    from dist_reid.engine.run_log import configure_logging, launcher_rank
+
+    configure_logging(launcher_rank(), verbose=args.verbose)  # INFO from rank 0 only
     if args.command != "weights":  # only 'weights fetch' may download; the rest read the cache
         os.environ.setdefault("HF_HUB_OFFLINE", "1")
     try:

@@ -10,6 +10,8 @@ from dist_reid.config.load import build_config, config_hash, load_config, save_c
 from dist_reid.config.schema import (
     DATASET_SETTINGS,
     DATASETS,
+    PROGRESS_BAR_SETTINGS,
+    TRACKERS,
     AugmentConfig,
     ConfigError,
     DataConfig,
@@ -26,7 +28,9 @@ from dist_reid.config.schema import (
 __all__ = [
     "DATASETS",
     "DATASET_SETTINGS",
+    "PROGRESS_BAR_SETTINGS",
     "RESUME_NEUTRAL_KEYS",
+    "TRACKERS",
     "AugmentConfig",
     "ConfigError",
     "DataConfig",

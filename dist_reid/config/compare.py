@@ -10,8 +10,9 @@ from omegaconf import OmegaConf
 # * run.name, run.output_dir: where the run lives (a moved or renamed run folder).
 #   run.seed is compared: the sampler's plan is a function of (seed, epoch).
 # * data.root: where the same images live; data.num_workers: how many processes decode them.
-# * train.log_every, train.eval_every, train.checkpoint_every_steps, train.tensorboard: the
-#   logging, evaluation and checkpoint cadence.
+# * train.log_every, train.eval_every, train.checkpoint_every_steps, train.tensorboard,
+#   train.trackers, train.progress_bar: the logging, evaluation and checkpoint cadence and
+#   where the logs go.
 # * train.max_steps: a cap on this invocation's steps, raised to continue a capped run.
 # * train.dist_timeout_s, train.dist_init_timeout_s, train.preempt_grace_s: how long to wait
 #   for a peer or for the preemption checkpoint.
@@ -25,6 +26,8 @@ RESUME_NEUTRAL_KEYS = (
     "train.eval_every",
     "train.checkpoint_every_steps",
     "train.tensorboard",
+    "train.trackers",
+    "train.progress_bar",
     "train.max_steps",
     "train.dist_timeout_s",
     "train.dist_init_timeout_s",

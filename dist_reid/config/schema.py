@@ -18,6 +18,9 @@ class ConfigError(ValueError):
 
 
 DATASETS = ("sysu", "regdb", "llcm")
+# Metric trackers a run can write to (Accelerate's tracker classes; each needs its package).
+TRACKERS = ("tensorboard", "wandb", "mlflow", "aim")
+PROGRESS_BAR_SETTINGS = ("auto", "true", "false")
 # The settings each dataset's protocol can run, in the order the table prints them.
 DATASET_SETTINGS = {
     "sysu": ("all", "indoor"),
@@ -250,7 +253,11 @@ class TrainConfig:
     log_every: int = 10  # steps
     max_steps: int = 0  # stop (and checkpoint) after this many optimiser steps; 0 = no cap
     checkpoint_every_steps: int = 0  # extra mid-epoch checkpoints; 0 = at epoch ends only
-    tensorboard: bool = True
+    # where metrics go: any of TRACKERS; [] = none. tensorboard writes <run>/tensorboard
+    trackers: tuple[str, ...] = ("tensorboard",)
+    tensorboard: bool = True  # deprecated: false = train.trackers without tensorboard
+    # auto = only when stderr is a terminal (none in a batch job's log); true | false
+    progress_bar: str = "auto"
     deepspeed_config: str | None = None  # DeepSpeed JSON (configs/deepspeed/) for backend deepspeed
     sync_bn: bool = False  # BatchNorm -> SyncBatchNorm (CUDA only)
     # A hung peer blocks every other rank inside a collective until this timeout (torch's own
@@ -303,6 +310,26 @@ class TrainConfig:
             f"must be auto|triton|torch, got {self.kernels!r}",
         )
         _require(self.grad_accum >= 1, "train.grad_accum", "must be >= 1")
+        unknown = [name for name in self.trackers if name not in TRACKERS]
+        _require(
+            not unknown,
+            "train.trackers",
+            f"unknown tracker {unknown[0]!r} in {list(self.trackers)}; choose from {list(TRACKERS)}"
+            if unknown
+            else "",
+        )
+        _require(
+            len(set(self.trackers)) == len(self.trackers),
+            "train.trackers",
+            f"names a tracker twice: {list(self.trackers)}",
+        )
+        # YAML reads a bare true/false as a boolean, which the str field holds as 'True'/'False'
+        object.__setattr__(self, "progress_bar", str(self.progress_bar).lower())
+        _require(
+            self.progress_bar in PROGRESS_BAR_SETTINGS,
+            "train.progress_bar",
+            f"must be auto|true|false, got {self.progress_bar!r}",
+        )
         _require(self.eval_every >= 0, "train.eval_every", "must be >= 0 (0 = the last epoch only)")
         _require(self.max_steps >= 0, "train.max_steps", "must be >= 0 (0 = no cap)")
         # log_every divides the step count: 0 would fail at the first step, not here

@@ -15,6 +15,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from dist_reid.config import load_config
+from dist_reid.engine.run_log import configure_logging, launcher_rank
 
 # A dotted override (``train.lr=0.5``, ``eval.trials=[0,1]``): never a checkpoint path.
 _OVERRIDE = re.compile(r"^[A-Za-z_][\w.\[\]-]*=")
@@ -76,7 +77,7 @@ def legacy_resume_args(argv: Sequence[str]) -> tuple[list[str], str | None]:
 
 def rank_zero() -> bool:
     """Rank 0 of a launcher (torchrun/accelerate set RANK, srun SLURM_PROCID), or no launcher."""
-    return (os.environ.get("RANK") or os.environ.get("SLURM_PROCID") or "0") == "0"
+    return launcher_rank() == 0
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -103,7 +104,8 @@ def train_main(argv: Sequence[str] | None = None) -> int:
     args, note = parse_train_args(sys.argv[1:] if argv is None else argv)
     if note and rank_zero():
         print(f"train: warning: {note}", file=sys.stderr)
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    # `dist-reid --verbose train` set DEBUG before calling here: keep it
+    configure_logging(launcher_rank(), verbose=logging.getLogger().level == logging.DEBUG)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     cfg = load_config(args.config, args.overrides)
     own = Path(cfg.run.output_dir) / cfg.run.name / "last.pt"
