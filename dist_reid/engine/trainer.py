@@ -42,12 +42,7 @@ from dist_reid.data.images import ImageDecodeError, header_errors
 from dist_reid.data.pipeline import build_train_pipeline
 from dist_reid.data.records import Record
 from dist_reid.data.sampler import build_sampler, check_ids_per_rank
-from dist_reid.engine.backends import (
-    TrainingBackend,
-    create_backend,
-    main_process_first,
-    peer_failure,
-)
+from dist_reid.engine.backend_factory import create_backend
 from dist_reid.engine.checkpoint import (
     CheckpointError,
     load_checkpoint,
@@ -56,6 +51,7 @@ from dist_reid.engine.checkpoint import (
     save_checkpoint,
     set_rng_state,
 )
+from dist_reid.engine.distributed import TrainingBackend, main_process_first, peer_failure
 from dist_reid.engine.fused import make_optimizer, maybe_sync_batchnorm
 from dist_reid.engine.preemption import Preempted, PreemptionHandler, inject_fault
 from dist_reid.engine.runlock import RunFolderLocked, acquire_run_lock, release_run_lock
@@ -150,9 +146,7 @@ class Trainer:
             dali_cache=cfg.data.dali_cache,
             skip_corrupt=cfg.data.skip_corrupt,
             # DALI writes the autocast dtype directly (its images feed the first conv only)
-            dtype={"fp16": torch.float16, "bf16": torch.bfloat16}.get(
-                t.mixed_precision, torch.float32
-            ),
+            dtype=b.compute_dtype,
         )
         model = build_model(cfg, num_classes=len(self.labels))
         # Every local batch is P/W identities x (K + K) (the sampler's layout): losses that take
