@@ -146,7 +146,7 @@ def train_throughput(
     steps through the engine's :class:`~dist_reid.engine.trainer.Trainer` (SGD, fp32, on the
     backend's device), timed by its :class:`~dist_reid.engine.hooks.TimerHook`. The CPU time is
     the steadier number on a shared machine, where wall time depends on the load."""
-    from dist_reid.engine.backends import create_backend
+    from dist_reid.engine.backend_factory import create_backend
     from dist_reid.engine.trainer import Trainer
 
     backend = create_backend("accelerate", mixed_precision="no")

@@ -16,6 +16,10 @@ from omegaconf import OmegaConf
 # * train.max_steps: a cap on this invocation's steps, raised to continue a capped run.
 # * train.dist_timeout_s, train.dist_init_timeout_s, train.preempt_grace_s: how long to wait
 #   for a peer or for the preemption checkpoint.
+# * train.mixed_precision: the compute precision of this invocation's hardware and launcher
+#   (``auto`` resolves per launch, so the key does not record it anyway); the saved state is
+#   fp32 under Accelerate's autocast, and DeepSpeed's precision is fixed by train.deepspeed_config,
+#   which is compared. Runs from before ``auto`` (saved as "no") resume under the new default.
 # * eval.*: what an evaluation reports, never what is trained.
 RESUME_NEUTRAL_KEYS = (
     "run.name",
@@ -32,6 +36,7 @@ RESUME_NEUTRAL_KEYS = (
     "train.dist_timeout_s",
     "train.dist_init_timeout_s",
     "train.preempt_grace_s",
+    "train.mixed_precision",
 )
 RESUME_NEUTRAL_PREFIXES = ("eval.",)
 # Free-form mappings: a key present on one side only is a change (in the schema's own sections a

@@ -137,7 +137,9 @@ class DataConfig:
         )
         for key, values in (("data.mean", self.mean), ("data.std", self.std)):
             _require(len(values) == 3, key, f"must be 3 values (R, G, B), got {list(values)}")
-        _require(all(s > 0 for s in self.std), "data.std", f"must be positive, got {list(self.std)}")
+        _require(
+            all(s > 0 for s in self.std), "data.std", f"must be positive, got {list(self.std)}"
+        )
         _require(
             self.sampler in ("modality_balanced", "identity_modality"),
             "data.sampler",
@@ -244,7 +246,10 @@ class TrainConfig:
     ids_per_batch: int = 8  # P, global over all ranks
     instances_per_modality: int = 4  # K
     backend: str = "accelerate"
-    mixed_precision: str = "no"  # no | bf16 | fp16
+    # auto | no | bf16 | fp16. auto: the launcher decides (`accelerate launch --mixed_precision`,
+    # or the DeepSpeed JSON with backend deepspeed), fp32 without a launcher setting; an
+    # explicit value wins over the launcher (the engine logs which source decided).
+    mixed_precision: str = "auto"
     grad_accum: int = 1
     channels_last: bool = False
     compile: bool = False
@@ -300,9 +305,9 @@ class TrainConfig:
         if self.mixed_precision in ("False", "false"):  # YAML reads a bare `no` as a boolean
             object.__setattr__(self, "mixed_precision", "no")
         _require(
-            self.mixed_precision in ("no", "bf16", "fp16"),
+            self.mixed_precision in ("auto", "no", "bf16", "fp16"),
             "train.mixed_precision",
-            f"must be no|bf16|fp16, got {self.mixed_precision!r}",
+            f"must be auto|no|bf16|fp16, got {self.mixed_precision!r}",
         )
         _require(
             self.kernels in ("auto", "triton", "torch"),

@@ -23,8 +23,9 @@ from dist_reid.builders import (
 from dist_reid.config import ConfigError, ExperimentConfig
 from dist_reid.data.pipeline import build_train_pipeline
 from dist_reid.data.sampler import build_sampler, check_ids_per_rank
-from dist_reid.engine.backends import TrainingBackend, create_backend, main_process_first
+from dist_reid.engine.backend_factory import create_backend
 from dist_reid.engine.checkpoint import remove_stale_temporaries
+from dist_reid.engine.distributed import TrainingBackend, main_process_first
 from dist_reid.engine.fused import make_optimizer, maybe_sync_batchnorm
 from dist_reid.engine.hooks import EpochCallback, HookBase, RunLockHook, default_hooks
 from dist_reid.engine.runlock import RunFolderLocked, acquire_run_lock

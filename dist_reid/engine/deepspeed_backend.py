@@ -38,9 +38,14 @@ from typing import Any
 import torch
 from torch import nn
 
-from dist_reid.engine.backends import TrainingBackend
+from dist_reid.engine.distributed import (
+    PrecisionChoice,
+    TrainingBackend,
+    launcher_precision,
+    resolve_precision,
+)
 
-_PRECISION_KEYS = {"bf16": "bf16", "fp16": "fp16"}
+_PRECISION_KEYS = ("bf16", "fp16")
 
 
 def _free_port() -> int:
@@ -52,18 +57,40 @@ def _free_port() -> int:
 def load_deepspeed_config(
     source: str | os.PathLike[str] | dict[str, Any],
     *,
-    mixed_precision: str = "no",
+    mixed_precision: str = "auto",
     grad_accum: int = 1,
     grad_clip: float | None = None,
     micro_batch: int = 1,
+    launcher: str | None = None,
 ) -> dict[str, Any]:
     """Read a DeepSpeed JSON config and fill its ``"auto"`` values from ours.
 
     ``"auto"`` is accepted for ``gradient_accumulation_steps`` (train.grad_accum),
     ``gradient_clipping`` (optim.grad_clip, 0 = off), ``train_micro_batch_size_per_gpu`` and
-    ``bf16.enabled`` / ``fp16.enabled`` (train.mixed_precision). The batch itself always comes
+    ``bf16.enabled`` / ``fp16.enabled`` (train.mixed_precision; with train.mixed_precision
+    ``auto``, the launcher's setting ``launcher``, else off). The batch itself always comes
     from our sampler; DeepSpeed's batch sizes only feed its own throughput logs.
     """
+    return _load_deepspeed_config(
+        source,
+        mixed_precision=mixed_precision,
+        grad_accum=grad_accum,
+        grad_clip=grad_clip,
+        micro_batch=micro_batch,
+        launcher=launcher,
+    )[0]
+
+
+def _load_deepspeed_config(
+    source: str | os.PathLike[str] | dict[str, Any],
+    *,
+    mixed_precision: str,
+    grad_accum: int,
+    grad_clip: float | None,
+    micro_batch: int,
+    launcher: str | None,
+) -> tuple[dict[str, Any], PrecisionChoice]:
+    """``load_deepspeed_config`` and the precision it settles, with what decided it."""
     if isinstance(source, dict):
         cfg, where = copy.deepcopy(source), "deepspeed config"
     else:
@@ -94,24 +121,50 @@ def load_deepspeed_config(
         )
     if cfg.get("gradient_clipping", "auto") == "auto":
         cfg["gradient_clipping"] = float(grad_clip or 0.0)
-    enabled = {}
-    for key in _PRECISION_KEYS:
-        section = cfg.get(key)
-        if section is None:
-            enabled[key] = False
-            continue
-        if section.get("enabled") == "auto":
-            section["enabled"] = mixed_precision == key
-        enabled[key] = bool(section.get("enabled", False))
+    choice = _settle_precision(cfg, where, mixed_precision, launcher)
+    return cfg, choice
+
+
+def _settle_precision(
+    cfg: dict[str, Any], where: str, mixed_precision: str, launcher: str | None
+) -> PrecisionChoice:
+    """Fill the JSON's ``"enabled": "auto"`` precision sections (in place) and say what decided.
+
+    DeepSpeed owns the precision: an explicit train.mixed_precision must agree with the JSON;
+    with ``auto`` a JSON that enables bf16/fp16 (or enables neither and says no ``"auto"``)
+    decides, and only ``"auto"`` sections follow the launcher."""
+    sections = {key: cfg[key] for key in _PRECISION_KEYS if cfg.get(key) is not None}
+    open_keys = [key for key, section in sections.items() if section.get("enabled") == "auto"]
+    fixed_on = [
+        key for key, section in sections.items() if key not in open_keys and section.get("enabled")
+    ]
+    if mixed_precision != "auto":
+        wanted = resolve_precision(mixed_precision, launcher)
+    elif open_keys and not fixed_on:
+        wanted = resolve_precision("auto", launcher)
+    else:
+        wanted = None  # the JSON decides
+    for key in open_keys:
+        sections[key]["enabled"] = wanted is not None and wanted.precision == key
+    enabled = {key: bool(sections.get(key, {}).get("enabled", False)) for key in _PRECISION_KEYS}
     if enabled["bf16"] and enabled["fp16"]:
         raise ValueError(f"{where}: bf16 and fp16 are both enabled")
     config_precision = "bf16" if enabled["bf16"] else "fp16" if enabled["fp16"] else "no"
-    if mixed_precision != "no" and mixed_precision != config_precision:
+    if wanted is not None and wanted.precision != config_precision:
         raise ValueError(
             f"train.mixed_precision={mixed_precision!r} but {where} enables {config_precision!r}: "
-            "DeepSpeed owns the precision; make them agree (or use 'auto' in the JSON)"
+            "DeepSpeed owns the precision; make them agree (or use 'auto' in the JSON, or "
+            "train.mixed_precision=auto to follow the JSON)"
         )
-    return cfg
+    if wanted is not None:
+        return wanted
+    warning = None
+    if launcher is not None and launcher != config_precision:
+        warning = (
+            f"accelerate launch --mixed_precision {launcher} is ignored: the DeepSpeed config "
+            f"{where} decides ({config_precision})"
+        )
+    return PrecisionChoice(config_precision, f"from the DeepSpeed config {where}", warning)
 
 
 # Tag of a plain dict standing for a Python object; its value says which kind.
@@ -290,7 +343,7 @@ class DeepSpeedBackend(TrainingBackend):
     def __init__(
         self,
         config: str | os.PathLike[str] | dict[str, Any] | None = None,
-        mixed_precision: str = "no",
+        mixed_precision: str = "auto",
         grad_accum: int = 1,
         grad_clip: float | None = None,
         micro_batch: int = 1,
@@ -299,13 +352,15 @@ class DeepSpeedBackend(TrainingBackend):
     ) -> None:
         if config is None:
             raise ValueError("train.deepspeed_config: required when train.backend is 'deepspeed'")
-        self.config = load_deepspeed_config(
+        self.config, choice = _load_deepspeed_config(
             config,
             mixed_precision=mixed_precision,
             grad_accum=grad_accum,
             grad_clip=grad_clip,
             micro_batch=micro_batch,
+            launcher=launcher_precision(),
         )
+        self.precision = choice.precision  # what the JSON enables, once filled and checked
         # A bare `python` run: a group of one on a free local port.
         os.environ.setdefault("RANK", "0")
         os.environ.setdefault("LOCAL_RANK", "0")
@@ -338,13 +393,7 @@ class DeepSpeedBackend(TrainingBackend):
         else:
             self.device = torch.device("cpu")
         self.engine: Any = None
-        self.dtype = (
-            torch.bfloat16
-            if self.config.get("bf16", {}).get("enabled")
-            else torch.float16
-            if self.config.get("fp16", {}).get("enabled")
-            else torch.float32
-        )
+        self.announce_precision(choice)
 
     def prepare(self, model: nn.Module, optimizer: torch.optim.Optimizer) -> tuple[nn.Module, Any]:
         import deepspeed
@@ -354,19 +403,20 @@ class DeepSpeedBackend(TrainingBackend):
             model=model, optimizer=optimizer, config=copy.deepcopy(self.config)
         )
         self.engine = engine
-        if self.dtype != torch.float32:
+        dtype = self.compute_dtype
+        if dtype != torch.float32:
             # The engine's parameters are bf16/fp16 while the loop hands it fp32 images and
             # some layers compute in fp32 on purpose (GeM pooling): every layer that holds
             # low-precision parameters casts its floating inputs to their dtype.
             for module in engine.module.modules():
                 own = list(module.parameters(recurse=False))
-                if own and all(p.dtype == self.dtype for p in own):
+                if own and all(p.dtype == dtype for p in own):
                     module.register_forward_pre_hook(self._cast_inputs)
         return engine, _PartitionedOptimizer(self)
 
     def _cast_inputs(self, module: nn.Module, args: tuple[Any, ...]) -> tuple[Any, ...]:
         return tuple(
-            a.to(self.dtype) if isinstance(a, torch.Tensor) and a.is_floating_point() else a
+            a.to(self.compute_dtype) if isinstance(a, torch.Tensor) and a.is_floating_point() else a
             for a in args
         )
 
@@ -390,20 +440,6 @@ class DeepSpeedBackend(TrainingBackend):
 
     def unwrap(self, model: nn.Module) -> nn.Module:
         return model.module if hasattr(model, "module") else model
-
-    def all_gather_object(self, obj: Any) -> list[Any]:
-        if self.world_size == 1:
-            return [obj]
-        out: list[Any] = [None] * self.world_size
-        torch.distributed.all_gather_object(out, obj)
-        return out
-
-    def broadcast_object(self, obj: Any) -> Any:
-        if self.world_size == 1:
-            return obj
-        box = [obj if self.is_main else None]
-        torch.distributed.broadcast_object_list(box, src=0)
-        return box[0]
 
     def barrier(self) -> None:
         if self.world_size > 1:

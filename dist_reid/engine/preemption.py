@@ -16,7 +16,6 @@ collective, but the wake-up byte is written by the C-level handler at once.
 
 from __future__ import annotations
 
-import importlib
 import os
 import signal
 import socket
@@ -29,7 +28,7 @@ import torch
 
 
 class _Group(Protocol):
-    """What stop_requested needs of a TrainingBackend (not imported: backends imports us)."""
+    """What stop_requested needs of a TrainingBackend."""
 
     world_size: int
     device: torch.device
@@ -150,30 +149,3 @@ def inject_fault(global_step: int, rank: int) -> None:
     if os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") != "0":
         return
     os.kill(os.getpid(), signal.SIGKILL)
-
-
-def isolate_elastic_restarts() -> None:
-    """Give each torchrun restart its own key space in the agent's store.
-
-    torchrun keeps one TCPStore for the whole job, and the workers' ``env://`` rendezvous reuses
-    it without a per-attempt prefix; after a restart the new gloo group reads the dead group's
-    peer addresses and fails with "connectFullMesh ... Connection refused". Prefixing the store
-    with the restart count (identical on every worker of an attempt) fixes it. A no-op outside
-    a restarted torchrun worker.
-    """
-    attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
-    if attempt == "0" or os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True":
-        return
-    # `from torch.distributed import rendezvous` gives the function, not the module.
-    rendezvous = importlib.import_module("torch.distributed.rendezvous")
-    create = rendezvous._create_c10d_store
-    if getattr(create, "_dist_reid_prefixed", False):
-        return
-
-    def prefixed(*args: Any, **kwargs: Any) -> torch.distributed.Store:
-        return torch.distributed.PrefixStore(
-            f"/dist_reid/attempt_{attempt}", create(*args, **kwargs)
-        )
-
-    prefixed._dist_reid_prefixed = True  # type: ignore[attr-defined]
-    rendezvous._create_c10d_store = prefixed

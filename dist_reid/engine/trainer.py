@@ -30,7 +30,7 @@ from dist_reid.config import (
     plain_config,
     save_config,
 )
-from dist_reid.engine.backends import TrainingBackend, peer_failure
+from dist_reid.engine.distributed import TrainingBackend, peer_failure
 from dist_reid.engine.checkpoint import (
     CheckpointError,
     load_checkpoint,

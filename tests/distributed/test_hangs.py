@@ -300,7 +300,7 @@ class _Backend:
 
 
 def test_only_collective_failures_become_the_one_line():
-    from dist_reid.engine.backends import peer_failure
+    from dist_reid.engine.distributed import peer_failure
 
     gloo = "[/pytorch/third_party/gloo/gloo/transport/tcp/"
     timeout = RuntimeError(f"{gloo}unbound_buffer.cc:78] Timed out waiting 10000ms for recv")

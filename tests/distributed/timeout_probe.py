@@ -13,7 +13,8 @@ import time
 
 import torch
 
-from dist_reid.engine.backends import create_backend, peer_failure
+from dist_reid.engine.backend_factory import create_backend
+from dist_reid.engine.distributed import peer_failure
 
 name, out = sys.argv[1:3]
 options = {"deepspeed_config": {"train_micro_batch_size_per_gpu": 1}} if name == "deepspeed" else {}

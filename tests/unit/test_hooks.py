@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from dist_reid.bench.methods import RepeatedBatch
-from dist_reid.engine.backends import create_backend
+from dist_reid.engine.backend_factory import create_backend
 from dist_reid.engine.hooks import PHASES, HookBase, TimerHook
 from dist_reid.engine.trainer import Trainer
 
