@@ -138,7 +138,7 @@ def build_trainer(
         dali_cache=cfg.data.dali_cache,
         skip_corrupt=cfg.data.skip_corrupt,
         # DALI writes the autocast dtype directly (its images feed the first conv only)
-        dtype={"fp16": torch.float16, "bf16": torch.bfloat16}.get(t.mixed_precision, torch.float32),
+        dtype=b.compute_dtype,
     )
     model = build_model(cfg, num_classes=len(labels))
     # Every local batch is P/W identities x (K + K) (the sampler's layout): losses that take

@@ -30,7 +30,6 @@ from dist_reid.config import (
     plain_config,
     save_config,
 )
-from dist_reid.engine.distributed import TrainingBackend, peer_failure
 from dist_reid.engine.checkpoint import (
     CheckpointError,
     load_checkpoint,
@@ -38,6 +37,7 @@ from dist_reid.engine.checkpoint import (
     save_checkpoint,
     set_rng_state,
 )
+from dist_reid.engine.distributed import TrainingBackend, peer_failure
 from dist_reid.engine.hooks import HookBase, PhaseMarks, result_summary
 from dist_reid.losses.contract import EpochAwareLoss
 
