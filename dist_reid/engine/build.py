@@ -20,7 +20,7 @@ from dist_reid.builders import (
     evaluation_plan,
     schedule_options,
 )
-from dist_reid.config import ConfigError, ExperimentConfig
+from dist_reid.config import ConfigError, ExperimentConfig, plain_config
 from dist_reid.data.pipeline import build_train_pipeline
 from dist_reid.data.sampler import build_sampler, check_ids_per_rank
 from dist_reid.engine.backend_factory import create_backend
@@ -28,6 +28,7 @@ from dist_reid.engine.checkpoint import remove_stale_temporaries
 from dist_reid.engine.distributed import TrainingBackend, main_process_first
 from dist_reid.engine.fused import make_optimizer, maybe_sync_batchnorm
 from dist_reid.engine.hooks import EpochCallback, HookBase, RunLockHook, default_hooks
+from dist_reid.engine.run_log import check_trackers, tracker_names
 from dist_reid.engine.runlock import RunFolderLocked, acquire_run_lock
 from dist_reid.engine.schedules import lr_lambdas
 from dist_reid.engine.trainer import Trainer
@@ -92,6 +93,9 @@ def build_trainer(
     except ValueError as exc:
         raise ConfigError(f"train.ids_per_batch: {exc}") from None
     check_pretrained(cfg, warn=b.is_main)  # offline without cached weights: fail before data
+    trackers = tracker_names(t, warn=b.is_main and hooks is None)
+    if hooks is None:
+        check_trackers(trackers)  # a tracker that is not installed: every rank, before data
     torch.manual_seed(cfg.run.seed)  # identical initial weights on every rank
     run_dir = Path(cfg.run.output_dir) / cfg.run.name
     # One run per run folder: rank 0 locks it for the run's lifetime (released by the run
@@ -166,7 +170,10 @@ def build_trainer(
         hooks = default_hooks(
             grace_s=t.preempt_grace_s,
             log_every=t.log_every,
-            tensorboard=t.tensorboard,
+            trackers=trackers,
+            progress_bar=t.progress_bar,
+            run_name=cfg.run.name,
+            config=plain_config(cfg),
             checkpoint_every_steps=t.checkpoint_every_steps,
             dataset=dataset,
             plan=evaluation_plan(cfg, dataset),  # what every evaluation of the run scores

@@ -28,6 +28,15 @@ from dist_reid.data.images import ImageDecodeError, header_errors
 from dist_reid.data.records import Record
 from dist_reid.engine.checkpoint import save_checkpoint
 from dist_reid.engine.preemption import Preempted, PreemptionHandler, inject_fault
+from dist_reid.engine.run_log import (
+    MetricTrackers,
+    close_run_log,
+    epoch_line,
+    evaluation_lines,
+    mean_across_ranks,
+    open_run_log,
+    tqdm_disable,
+)
 from dist_reid.engine.runlock import release_run_lock
 from dist_reid.evaluation.features import FeatureCache, extract_features
 from dist_reid.evaluation.protocols import EvaluationPlan, run_protocol
@@ -366,57 +375,135 @@ def result_summary(history: Sequence[dict[str, Any]], epochs_done: int, steps: i
 
 
 # -- logging ---------------------------------------------------------------------------------
+# Epoch lines and evaluation tables: the run's results, printed to stdout by rank 0 and written
+# to train.log; not propagated to the console handler (stderr), so they appear once.
+RESULTS = logging.getLogger("dist_reid.results")
+RESULTS.propagate = False
+
+
 class LoggingHook(HookBase):
-    """A progress bar (rank 0) and tensorboard scalars: the loss terms and lr every
-    ``every_steps`` steps, the evaluation summaries when an epoch is scored."""
+    """What a batch log shows: one line per epoch (losses averaged over the epoch and the ranks,
+    lr, images/s, time, ETA) and the evaluation table when one runs, on stdout and in
+    ``<run>/train.log`` (rank 0); metric trackers (``train.trackers``) get the rank-mean loss
+    terms and lr every ``every_steps`` steps and every evaluation; a progress bar only on a
+    terminal, or when ``progress_bar`` asks. Every rank takes part in the cross-rank means."""
 
-    def __init__(self, every_steps: int, tensorboard: bool) -> None:
+    def __init__(
+        self,
+        every_steps: int,
+        trackers: Sequence[str] = ("tensorboard",),
+        progress_bar: str | bool = "auto",
+        run_name: str = "run",
+        config: dict[str, Any] | None = None,
+    ) -> None:
         self.every_steps = every_steps
-        self.tensorboard = tensorboard
-        self.writer = None
+        self.tracker_names = tuple(trackers)
+        self.progress_bar = progress_bar
+        self.run_name = run_name
+        self.config = config
+        self.trackers: MetricTrackers | None = None
+        self.file: logging.Handler | None = None
         self.bar: tqdm | None = None
+        self.epoch_seconds: list[float] = []
+        self._reset()
 
-    def _scalars(self, values: dict[str, float]) -> None:
-        if self.writer is not None:
-            for key, value in values.items():
-                self.writer.add_scalar(key, value, self.trainer.global_step)
+    def _reset(self) -> None:
+        self.sums: dict[str, float] = {}
+        self.steps = 0
+        self.images = 0
 
-    def _metrics(self, record: dict[str, Any]) -> None:
-        for setting, values in record.get("metrics", {}).items():
-            self._scalars({f"eval/{setting}/{k}": v for k, v in values.items()})
+    def report(self, line: str) -> None:
+        """A result line: stdout and train.log, rank 0 only."""
+        if self.trainer.backend.is_main:
+            print(line, flush=True)
+            RESULTS.info(line)
+
+    def _evaluation(self, record: dict[str, Any]) -> None:
+        metrics = record["metrics"]
+        self.report(f"evaluation of epoch {record['epoch'] + 1} (%, mean over trials):")
+        for line in evaluation_lines(metrics):
+            self.report(f"  {line}")
+        for setting, values in metrics.items():
+            self.trackers.log(
+                {f"eval/{setting}/{k}": v for k, v in values.items()}, self.trainer.global_step
+            )
 
     def before_train(self) -> None:
         t = self.trainer
-        if t.backend.is_main and self.tensorboard:
-            from torch.utils.tensorboard import SummaryWriter
-
-            self.writer = SummaryWriter(str(t.run_dir / "tensorboard"))
+        main = t.backend.is_main
+        if main:
+            self.file = open_run_log(t.run_dir)
+            RESULTS.addHandler(self.file)
+            RESULTS.setLevel(logging.INFO)
+        self.trackers = MetricTrackers(
+            self.tracker_names, t.run_dir, run_name=self.run_name, enabled=main
+        )
+        if self.config is not None:
+            self.trackers.log_config(self.config)
+        log.info(
+            "training %s: %d epochs, from epoch %d step %d",
+            t.run_dir,
+            t.epochs,
+            t.epoch,
+            t.cursor,
+        )
         if t.resumed_record is not None:
-            self._metrics(t.resumed_record)
+            self._evaluation(t.resumed_record)
 
     def before_epoch(self) -> None:
         t = self.trainer
+        self._reset()
         self.bar = tqdm(
             total=t.steps_in_epoch,
             initial=t.cursor,
             desc=f"epoch {t.epoch}",
-            disable=not t.backend.is_main,
+            disable=tqdm_disable(self.progress_bar, t.backend.is_main),
             leave=False,
         )
 
     def after_step(self) -> None:
         t = self.trainer
         self.bar.update(1)
+        for key, value in t.step_terms.items():
+            self.sums[key] = self.sums.get(key, 0.0) + value
+        self.steps += 1
+        self.images += len(t.batch["images"])
         if t.global_step % self.every_steps == 0:
-            self.bar.set_postfix({k: f"{v:.3f}" for k, v in t.step_terms.items()})
-            self._scalars(
-                {f"loss/{k}": v for k, v in t.step_terms.items()}
-                | {"lr": t.optimizer.param_groups[-1]["lr"]}
+            means = mean_across_ranks(t.step_terms, t.backend.device)  # collective
+            self.bar.set_postfix({k: f"{v:.3f}" for k, v in means.items()})
+            self.trackers.log(
+                {f"loss/{k}": v for k, v in means.items()}
+                | {"lr": t.optimizer.param_groups[-1]["lr"]},
+                t.global_step,
             )
 
     def after_epoch(self) -> None:
+        t = self.trainer
         self._close_bar()
-        self._metrics(self.trainer.history[-1])
+        record = t.history[-1]
+        losses = mean_across_ranks(  # collective
+            {k: v / self.steps for k, v in self.sums.items()} if self.steps else {},
+            t.backend.device,
+        )
+        seconds = record["seconds"]
+        self.epoch_seconds.append(seconds)
+        mean_epoch = sum(self.epoch_seconds) / len(self.epoch_seconds)
+        images_per_s = self.images * t.backend.world_size / seconds if seconds else 0.0
+        self.report(
+            epoch_line(
+                epoch=t.epoch,
+                epochs=t.epochs,
+                steps=self.steps,
+                losses=losses,
+                lr=t.optimizer.param_groups[-1]["lr"],
+                images_per_s=images_per_s,
+                seconds=seconds,
+                eta_s=mean_epoch * (t.epochs - t.epoch),
+            )
+        )
+        self.trackers.log({"train/images_per_s": images_per_s}, t.global_step)
+        if "metrics" in record:
+            self._evaluation(record)
 
     def _close_bar(self) -> None:
         if self.bar is not None:
@@ -425,10 +512,13 @@ class LoggingHook(HookBase):
 
     def close(self) -> None:
         self._close_bar()
-        if self.writer is not None:
-            self.writer.flush()
-            self.writer.close()
-            self.writer = None
+        if self.trackers is not None:
+            self.trackers.finish()
+            self.trackers = None
+        if self.file is not None:
+            RESULTS.removeHandler(self.file)
+            close_run_log(self.file)
+            self.file = None
 
 
 # -- the run folder --------------------------------------------------------------------------
@@ -488,7 +578,10 @@ def default_hooks(
     *,
     grace_s: float,
     log_every: int,
-    tensorboard: bool,
+    trackers: Sequence[str],
+    progress_bar: str | bool,
+    run_name: str,
+    config: dict[str, Any] | None,
     checkpoint_every_steps: int,
     dataset: Any,
     plan: EvaluationPlan,
@@ -501,7 +594,7 @@ def default_hooks(
         CheckpointHook(checkpoint_every_steps),  # before a fault or preemption at that step
         PreemptionHook(grace_s),  # installed before a resumed epoch's evaluation
         EvaluationHook(dataset, plan, eval_every),  # after the epoch's checkpoint
-        LoggingHook(log_every, tensorboard),  # after the evaluation it reports
+        LoggingHook(log_every, trackers, progress_bar, run_name, config),  # after the evaluation
         *(CallbackHook(c) for c in callbacks),
         RunFolderHook(),
     ]

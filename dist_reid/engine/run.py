@@ -126,8 +126,9 @@ def train_main(argv: Sequence[str] | None = None) -> int:
     result = trainer.fit(
         Path(resume) if resume else None, allow_config_change=args.allow_config_change
     )
-    if trainer.backend.is_main and "last_epoch" in result:
-        print(f"final: {result['last_epoch']}")
+    if trainer.backend.is_main and "last_epoch" in result:  # the table was printed with it
+        last = result["last_epoch"]
+        print(f"done: epoch {last['epoch'] + 1} scored last; {trainer.run_dir / 'metrics.md'}")
     return 0
 
 

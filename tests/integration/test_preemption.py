@@ -158,6 +158,10 @@ def test_torchrun_group_preempted_by_sigterm_exits_75_and_resumes_exactly(
 
     straight = _run(torchrun("straight"))
     assert straight.returncode == 0, straight.stderr[-3000:]
+    # two ranks, INFO once: rank 0 alone logs it (a rank's warnings would carry "[rank N]")
+    assert straight.stderr.count("INFO dist_reid.engine.hooks: training ") == 1
+    assert straight.stderr.count("INFO dist_reid.engine.distributed: mixed precision") == 1
+    assert "[rank 1] INFO" not in straight.stderr
     run_dir = tmp_path / "pre"
     # The launcher's group: torchrun's agent gets SIGTERM and forwards it to each worker's own
     # process group, loader workers included.
