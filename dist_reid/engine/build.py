@@ -27,7 +27,13 @@ from dist_reid.engine.backend_factory import create_backend
 from dist_reid.engine.checkpoint import remove_stale_temporaries
 from dist_reid.engine.distributed import TrainingBackend, main_process_first
 from dist_reid.engine.fused import make_optimizer, maybe_sync_batchnorm
-from dist_reid.engine.hooks import EpochCallback, HookBase, RunLockHook, default_hooks
+from dist_reid.engine.hooks import (
+    CallbackHook,
+    EpochCallback,
+    HookBase,
+    RunLockHook,
+    default_hooks,
+)
 from dist_reid.engine.run_log import check_trackers, tracker_names
 from dist_reid.engine.runlock import RunFolderLocked, acquire_run_lock
 from dist_reid.engine.schedules import lr_lambdas
@@ -85,7 +91,7 @@ def build_trainer(
     """The trainer ``cfg`` describes. Refuses (before any data is read) a batch with fewer than
     2 identities per rank, missing offline weights and a run folder another run holds.
     ``callbacks`` run after every epoch on every rank (a sweep's report); ``hooks`` replace the
-    default ones (a benchmark's timer alone, for example)."""
+    default ones (a benchmark's timer alone, for example; ``callbacks`` still run)."""
     t = cfg.train
     b = backend or build_backend(cfg)
     try:  # the batch shape needs only the world size: refused before any data is read
@@ -180,6 +186,8 @@ def build_trainer(
             eval_every=t.eval_every,
             callbacks=callbacks,
         )
+    else:
+        hooks = [*hooks, *(CallbackHook(c) for c in callbacks)]
     if locked:  # whatever the hooks, the lock goes when training ends
         hooks = [*hooks, RunLockHook()]
     return Trainer(

@@ -1,14 +1,15 @@
 """What the training loop does besides training: each concern is a hook.
 
 The loop (:class:`~dist_reid.engine.trainer.Trainer`) calls every hook, in the order given, at
-``before_train``, ``before_epoch``, ``before_step``, ``after_step``, ``after_epoch`` and
+``on_fit_start`` (before a resume is loaded), ``before_train``, ``before_epoch``, ``before_step``, ``after_step``, ``after_epoch`` and
 ``after_train`` (the names of fast-reid's ``HookBase``), and ``close`` on every way out of
 ``fit`` (errors and preemption included). A hook reads and changes the trainer it is attached
 to (``self.trainer``); hooks never call each other.
 
 Order matters where one hook's result is another's input; :func:`default_hooks` gives the order
-a training run uses: timing, checkpoints, preemption, evaluation, logging, the sweep callback,
-the run folder's results (and, added by the builder, the run lock's release).
+a training run uses: checkpoints, preemption, evaluation, logging, the sweep callback, the run
+folder's results (and, added by the builder, the run lock's release). The benchmarks add
+:class:`TimerHook`.
 """
 
 from __future__ import annotations
@@ -54,6 +55,9 @@ class HookBase:
     """A no-op at every point of the loop; subclasses override what they need."""
 
     trainer: Trainer
+
+    def on_fit_start(self) -> None:
+        """``fit`` has begun; a checkpoint to resume from is not loaded yet."""
 
     def before_train(self) -> None:
         """After a resume is loaded, before the first step."""
@@ -428,18 +432,31 @@ class LoggingHook(HookBase):
                 {f"eval/{setting}/{k}": v for k, v in values.items()}, self.trainer.global_step
             )
 
-    def before_train(self) -> None:
+    def on_fit_start(self) -> None:
+        """``train.log`` and the trackers, before a resume is loaded (its lines belong in the
+        log). Only rank 0 opens them; its failure is broadcast, so every rank stops with it
+        instead of waiting in the first step's collectives."""
         t = self.trainer
         main = t.backend.is_main
-        if main:
-            self.file = open_run_log(t.run_dir)
-            RESULTS.addHandler(self.file)
-            RESULTS.setLevel(logging.INFO)
-        self.trackers = MetricTrackers(
-            self.tracker_names, t.run_dir, run_name=self.run_name, enabled=main
-        )
-        if self.config is not None:
-            self.trackers.log_config(self.config)
+        error = None
+        try:
+            if main:
+                self.file = open_run_log(t.run_dir)
+                RESULTS.addHandler(self.file)
+                RESULTS.setLevel(logging.INFO)
+            self.trackers = MetricTrackers(
+                self.tracker_names, t.run_dir, run_name=self.run_name, enabled=main
+            )
+            if self.config is not None:
+                self.trackers.log_config(self.config)
+        except Exception as exc:
+            error = f"rank {t.backend.rank}: the run's logs could not be opened: {exc}"
+        errors = [e for e in t.backend.all_gather_object(error) if e is not None]
+        if errors:
+            raise RuntimeError(errors[0])
+
+    def before_train(self) -> None:
+        t = self.trainer
         log.info(
             "training %s: %d epochs, from epoch %d step %d",
             t.run_dir,
@@ -543,12 +560,9 @@ class RunFolderHook(HookBase):
 
 class RunLockHook(HookBase):
     """Releases the run folder's lock (taken when the trainer was built, before any data was
-    read) when training ends, on every way out."""
+    read) when ``fit`` ends, on every way out, after every other hook has closed."""
 
-    def after_train(self) -> None:
-        self.close()
-
-    def close(self) -> None:
+    def close(self) -> None:  # last of all: after the logs and trackers are closed
         if getattr(self, "trainer", None) is not None:
             release_run_lock(self.trainer.run_dir)
             del self.trainer
@@ -590,7 +604,6 @@ def default_hooks(
 ) -> list[HookBase]:
     """A training run's hooks, in the order they must run (see the module docstring)."""
     return [
-        TimerHook(),
         CheckpointHook(checkpoint_every_steps),  # before a fault or preemption at that step
         PreemptionHook(grace_s),  # installed before a resumed epoch's evaluation
         EvaluationHook(dataset, plan, eval_every),  # after the epoch's checkpoint

@@ -332,13 +332,25 @@ class Trainer:
                 raise
             raise SystemExit(f"{line}; {self.describe_last_checkpoint()}") from None
         finally:
+            self._close()
+
+    def _close(self) -> None:
+        """Every hook's ``close`` and the pipeline's, whatever any of them raises: a failing
+        tracker must not keep the lock held, the loader running, or turn a preemption's exit
+        75 into a crash (the first error is logged; the one in flight, if any, stays)."""
+        try:
             for hook in self.hooks:
-                hook.close()
+                try:
+                    hook.close()
+                except Exception:
+                    log.exception("closing %s failed", type(hook).__name__)
+        finally:
             # Loader workers stop now, on every way out (a preemption's exit 75 included), not
             # at the interpreter's exit, which SIGTERMs them and makes torch report a dead worker.
             self.pipeline.close()
 
     def _fit(self, resume: str | Path | None, allow_config_change: bool) -> dict[str, Any]:
+        self.call_hooks("on_fit_start")
         if resume is not None:
             self.load(resume, allow_config_change=allow_config_change)
             log.info("resumed from %s at epoch %d step %d", resume, self.epoch, self.cursor)

@@ -21,9 +21,7 @@ EPOCH_LINE = re.compile(
 
 
 @pytest.mark.slow
-def test_a_non_terminal_run_prints_one_line_per_epoch_and_its_evaluations(
-    tmp_path, capsys, caplog
-):
+def test_a_non_terminal_run_prints_one_line_per_epoch_and_its_evaluations(tmp_path, capsys, caplog):
     data = tmp_path / "data"
     generate("sysu", data, 12, seed=3, images_per_camera=2)  # 8 steps an epoch
     overrides = tiny_run_overrides(

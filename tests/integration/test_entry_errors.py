@@ -14,7 +14,7 @@ import pytest
 import torch
 from conftest import tiny_run_overrides
 
-import dist_reid.engine.trainer as trainer_module
+import dist_reid.engine.build as build_module
 from dist_reid.cli import build_parser as build_cli_parser
 from dist_reid.cli import main
 from dist_reid.engine.checkpoint import load_checkpoint
@@ -133,7 +133,7 @@ def test_torchrun_two_processes_config_typo_is_one_line_from_rank_0(free_port):
 def test_nan_guard_is_one_line_exit_2_naming_the_term_and_last_checkpoint(
     synthetic_trees, tmp_path, monkeypatch, capsys
 ):
-    build_loss = trainer_module.build_loss
+    build_loss = build_module.build_loss
     poisoned_term = []
 
     def poisoned(cfg, **kwargs):
@@ -154,7 +154,7 @@ def test_nan_guard_is_one_line_exit_2_naming_the_term_and_last_checkpoint(
 
         return Poisoned()
 
-    monkeypatch.setattr(trainer_module, "build_loss", poisoned)
+    monkeypatch.setattr(build_module, "build_loss", poisoned)
     root, _ = synthetic_trees["sysu"]
     argv = ["train", "-c", CONFIG, *tiny(root, tmp_path, "nan", "train.checkpoint_every_steps=2")]
     assert main(argv) == 2

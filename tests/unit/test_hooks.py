@@ -18,7 +18,15 @@ from dist_reid.engine.hooks import PHASES, HookBase, TimerHook
 from dist_reid.engine.trainer import Trainer
 
 BENCH = Path(__file__).resolve().parents[2] / "dist_reid" / "bench"
-POINTS = ("before_train", "before_epoch", "before_step", "after_step", "after_epoch", "after_train")
+POINTS = (
+    "on_fit_start",
+    "before_train",
+    "before_epoch",
+    "before_step",
+    "after_step",
+    "after_epoch",
+    "after_train",
+)
 
 
 class Linear(nn.Module):
@@ -123,7 +131,13 @@ def test_hooks_run_at_each_point_in_order_and_the_model_trains():
         f"after_step:{e}.2",
         f"after_epoch:{e + 1}.0",
     ]
-    assert calls == ["before_train:0.0", *per_epoch(0), *per_epoch(1), "after_train:2.0"]
+    assert calls == [
+        "on_fit_start:0.0",
+        "before_train:0.0",
+        *per_epoch(0),
+        *per_epoch(1),
+        "after_train:2.0",
+    ]
     assert result["epochs_done"] == 2 and result["global_step"] == 4
     assert [r["epoch"] for r in trainer.history] == [0, 1]
     assert trainer.optimizer.param_groups[0]["lr"] == pytest.approx(0.1 * 0.25)  # 2 epochs
@@ -139,15 +153,34 @@ def test_max_steps_stops_inside_an_epoch_without_finishing_it():
     assert trainer.optimizer.param_groups[0]["lr"] == pytest.approx(0.05)  # one epoch stepped
 
 
-@pytest.mark.parametrize("point", ["before_train", "after_step", "after_epoch"])
-def test_every_hook_and_the_pipeline_are_closed_when_a_hook_fails(point):
+class FailsToClose(HookBase):
+    def close(self) -> None:
+        raise OSError("stale file handle")
+
+
+@pytest.mark.parametrize("point", ["on_fit_start", "before_train", "after_step", "after_epoch"])
+def test_every_hook_and_the_pipeline_are_closed_when_a_hook_fails(point, caplog):
+    """Also when a hook's own close fails: the others still close, the pipeline stops, and the
+    error in flight is the one that propagates."""
     calls: list[str] = []
-    first, failing = Recorder(calls), Recorder([], fail_at=point)
-    trainer = _trainer([first, failing])
+    first, failing, last = Recorder(calls), Recorder([], fail_at=point), Recorder([])
+    trainer = _trainer([first, FailsToClose(), failing, last])
     with pytest.raises(RuntimeError, match=f"hook failed in {point}"):
         trainer.fit()
-    assert first.closed and failing.closed and trainer.pipeline.closed == 1
+    assert first.closed and failing.closed and last.closed and trainer.pipeline.closed == 1
     assert "after_train:2.0" not in calls
+    assert "closing FailsToClose failed" in caplog.text and "stale file handle" in caplog.text
+
+
+def test_the_logging_hook_refuses_a_run_log_it_cannot_open(tmp_path):
+    from dist_reid.engine.hooks import LoggingHook
+
+    (tmp_path / "run").write_text("a file where the run folder should be")
+    trainer = _trainer([LoggingHook(1, trackers=())])
+    trainer.run_dir = tmp_path / "run"
+    with pytest.raises(RuntimeError, match=r"^rank 0: the run's logs could not be opened: "):
+        trainer.fit()
+    assert trainer.global_step == 0
 
 
 def test_timer_attributes_each_phase_and_skips_warmup(monkeypatch):
