@@ -111,7 +111,7 @@ def tiny_run_overrides(
     root: Path, out: Path, name: str, *extra: str, eval_subset: bool = True
 ) -> list[str]:
     """Overrides that shrink a recipe to a test run: 64x32 inputs, 4 ids x 2 images per
-    modality, no loader workers or TensorBoard, torch kernels; ``eval_subset`` scores trial 0
+    modality, no loader workers or trackers, torch kernels; ``eval_subset`` scores trial 0
     of the first setting only. Import it as ``from conftest import tiny_run_overrides``."""
     subset = ["eval.trials=[0]", "eval.settings=[all]"] if eval_subset else []
     return [
@@ -123,11 +123,19 @@ def tiny_run_overrides(
         "data.num_workers=0",
         "train.ids_per_batch=4",
         "train.instances_per_modality=2",
-        "train.tensorboard=false",
+        "train.trackers=[]",
         "train.kernels=torch",
         *subset,
         *extra,
     ]
+
+
+def error_lines(stderr: str) -> list[str]:
+    """``stderr`` without the log records a run prints before it fails (INFO/WARNING lines, a
+    rank's prefixed ones): what is left is the error. Import it as
+    ``from conftest import error_lines``."""
+    records = ("INFO ", "WARNING ", "DEBUG ", "[rank ")
+    return [line for line in stderr.strip().splitlines() if not line.startswith(records)]
 
 
 def sampler_layout_labels(layout, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:

@@ -159,7 +159,7 @@ def run_accuracy_benchmark(
         run_overrides = [
             f"run.output_dir={out / 'accuracy_runs'}",
             f"run.name={name}",
-            "train.tensorboard=false",
+            "train.trackers=[]",
             *overrides,
         ]
         print(f"[{name}] training {config} on {processes} processes ...", flush=True)

@@ -33,7 +33,7 @@ def run_trial(params: dict[str, Any], spec: SweepSpec) -> None:
             f"run.output_dir={trial_dir}",
             "run.name=run",
             "train.eval_every=1",
-            "train.tensorboard=false",
+            "train.trackers=[]",
         ),
     )
     resume = None

@@ -477,7 +477,7 @@ def test_training_through_the_dali_cpu_graph_lowers_the_loss(synthetic_trees, tm
         "data.dali_cache=true",
         "train.ids_per_batch=4",
         "train.instances_per_modality=2",
-        "train.tensorboard=false",
+        "train.trackers=[]",
         "train.kernels=torch",
         "train.lr=0.002",
     ]

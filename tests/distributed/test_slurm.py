@@ -61,7 +61,7 @@ def _overrides(root: Path, out: Path, name: str) -> list[str]:
         "data.pipeline=torch",
         "train.ids_per_batch=4",
         "train.instances_per_modality=2",
-        "train.tensorboard=false",
+        "train.trackers=[]",
         "train.kernels=torch",
         "train.epochs=1",
         "train.checkpoint_every_steps=2",
@@ -123,7 +123,9 @@ def test_two_nodes_form_one_process_group_and_write_metrics(straight):
     assert re.search(r"srun task 1 of 2 on node n2", text), text[-3000:]
     # ...with the loader workers derived from --cpus-per-task=2 (one process per node)...
     assert "2 CPU(s) per proc (OMP_NUM_THREADS=1, 2 loader workers)" in text, text[-3000:]
-    assert text.count("data pipeline: torch DataLoader (2 workers)") == 2, text[-3000:]
+    # INFO from rank 0 only (issue 15): the other node logs warnings and errors
+    assert text.count("data pipeline: torch DataLoader (2 workers)") == 1, text[-3000:]
+    assert "[rank 1] INFO" not in text, text[-3000:]
     # ...joined into one group of two (the checkpoint records the world size it was made by).
     state = torch.load(run / "last.pt", weights_only=True)
     assert state["world_size"] == 2 and len(state["rng"]) == 2
@@ -175,7 +177,7 @@ def test_preemption_checkpoints_requeues_and_continues_exactly(
     assert "all 1 local workers were preempted" in text, text[-3000:]
     assert "requeueing after the preemption checkpoint (step rc 75)" in text, text[-3000:]
     resumed = re.findall(r"resumed from \S+ at epoch (\d+) step (\d+)", text)
-    assert resumed == [("0", preempted[0])] * 2, text[-3000:]
+    assert resumed == [("0", preempted[0])], text[-3000:]  # INFO: rank 0 only
     # The requeued job continued at the preemption step and ended exactly where the
     # uninterrupted run did.
     a = torch.load(straight[1] / "last.pt", weights_only=True)

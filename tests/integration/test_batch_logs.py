@@ -31,7 +31,7 @@ def test_a_non_terminal_run_prints_one_line_per_epoch_and_its_evaluations(tmp_pa
         "train.epochs=2",
         "train.eval_every=1",
         "train.log_every=3",
-        "train.tensorboard=true",  # the tiny overrides turn it off; the tracker is tested here
+        "train.trackers=[tensorboard]",  # the tiny overrides have none; the tracker is tested here
     )
     assert main(["train", "-c", CONFIG, *overrides]) == 0
     out, err = capsys.readouterr()

@@ -34,7 +34,7 @@ def _tiny(root: Path, out: Path) -> list[str]:
         "train.ids_per_batch=4",
         "train.instances_per_modality=2",
         "train.epochs=1",
-        "train.tensorboard=false",
+        "train.trackers=[]",
         "eval.trials=[0,1]",
         "eval.settings=[all]",
         "train.kernels=torch",

@@ -315,7 +315,7 @@ def test_two_process_training_loss_falls(synthetic_trees, tmp_path, two_process_
         "loss.options.msel_start_epoch=0",
         "train.ids_per_batch=4",
         "train.instances_per_modality=2",
-        "train.tensorboard=false",
+        "train.trackers=[]",
         "train.kernels=torch",
         "optim.warmup_epochs=0",
     ]
@@ -438,7 +438,7 @@ def test_trainer_schedules_each_group_as_released_and_resumes_it(synthetic_trees
         "data.height=64",
         "data.width=32",
         "data.num_workers=0",
-        "train.tensorboard=false",
+        "train.trackers=[]",
         "model.options.ipg_queries=learnable",
         "model.pretrained=null",
         *tiny_opts,
