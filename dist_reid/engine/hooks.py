@@ -1,4 +1,5 @@
-"""What the training loop does besides training: each concern is a hook.
+"""What the training loop does besides training: each concern is a hook (the interface,
+:class:`HookBase`, lives with the loop in :mod:`dist_reid.engine.trainer`).
 
 The loop (:class:`~dist_reid.engine.trainer.Trainer`) calls every hook, in the order given, at
 ``on_fit_start`` (before a resume is loaded), ``before_train``, ``before_epoch``, ``before_step``, ``after_step``, ``after_epoch`` and
@@ -14,12 +15,10 @@ folder's results (and, added by the builder, the run lock's release). The benchm
 
 from __future__ import annotations
 
-import itertools
 import json
 import logging
-import time
 from collections.abc import Callable, Sequence
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 import torch
@@ -39,91 +38,22 @@ from dist_reid.engine.run_log import (
     tqdm_disable,
 )
 from dist_reid.engine.runlock import release_run_lock
+from dist_reid.engine.trainer import (
+    PHASES,
+    SELECTION_METRIC,
+    HookBase,
+    PhaseMarks,
+    Trainer,
+    is_best,
+    result_summary,
+)
 from dist_reid.evaluation.features import FeatureCache, extract_features
 from dist_reid.evaluation.protocols import EvaluationPlan, run_protocol
 
-if TYPE_CHECKING:
-    from dist_reid.engine.trainer import Trainer
-
 log = logging.getLogger(__name__)
-SELECTION_METRIC = "mAP"
-# One optimiser step's phases, in order: the loop marks the end of each.
-PHASES = ("data_wait", "forward", "loss", "backward", "optimizer")
-
-
-class HookBase:
-    """A no-op at every point of the loop; subclasses override what they need."""
-
-    trainer: Trainer
-
-    def on_fit_start(self) -> None:
-        """``fit`` has begun; a checkpoint to resume from is not loaded yet."""
-
-    def before_train(self) -> None:
-        """After a resume is loaded, before the first step."""
-
-    def before_epoch(self) -> None:
-        """The epoch's sampler plan is set; ``trainer.steps_in_epoch`` is known."""
-
-    def before_step(self) -> None:
-        """The batch (``trainer.batch``) has arrived."""
-
-    def after_step(self) -> None:
-        """The optimiser stepped; ``trainer.step_terms`` holds the step's loss terms."""
-
-    def after_epoch(self) -> None:
-        """The epoch is done, its schedule step taken; ``trainer.history[-1]`` is its record."""
-
-    def after_train(self) -> None:
-        """The last epoch (or ``max_steps``) is done; not called when training stops early."""
-
-    def close(self) -> None:
-        """On every way out of ``fit``: release what the hook holds."""
 
 
 # -- timing ----------------------------------------------------------------------------------
-class PhaseMarks:
-    """Per-step phase ends: ``perf_counter`` on CPU; on CUDA, events recorded on the current
-    stream and resolved later, so timing adds no host synchronisation. An event phase is the GPU
-    time between two marks: ``data_wait`` is the time the GPU idled waiting for the batch."""
-
-    def __init__(self, device: torch.device) -> None:
-        self.cuda = device.type == "cuda"
-        self.steps: list[list[Any]] = []  # [start, end of each phase], unresolved on CUDA
-        self._current: list[Any] | None = None
-
-    def _now(self) -> Any:
-        if self.cuda:
-            event = torch.cuda.Event(enable_timing=True)
-            event.record()
-            return event
-        return time.perf_counter()
-
-    def start(self) -> None:
-        self._current = [self._now()]
-
-    def mark(self) -> None:
-        if self._current is not None:
-            self._current.append(self._now())
-
-    def finish_step(self) -> None:
-        if self._current is not None and len(self._current) == len(PHASES) + 1:
-            self.steps.append(self._current)
-        self._current = None
-
-    def resolve(self) -> np.ndarray:
-        """Seconds per phase for every finished step (rows), and forget them."""
-        steps, self.steps = self.steps, []
-        if not steps:
-            return np.zeros((0, len(PHASES)))
-        if self.cuda:
-            steps[-1][-1].synchronize()
-            return np.array(
-                [[a.elapsed_time(b) / 1000 for a, b in itertools.pairwise(s)] for s in steps]
-            )
-        return np.diff(np.array(steps), axis=1)
-
-
 class TimerHook(HookBase):
     """Seconds per phase (data wait, forward, loss, backward, optimiser) and images per second
     of every step after the first ``warmup_steps`` of the run, on this rank. The loop itself
@@ -349,33 +279,8 @@ class EvaluationHook(HookBase):
         t = self.trainer
         record["metrics"] = self.evaluate()
         t.save("last.pt")
-        if _is_best(t.history, record) and t.backend.is_main:
+        if is_best(t.history, record) and t.backend.is_main:
             save_checkpoint(t.best_state_dict(), t.run_dir / "best.pt")
-
-
-def _is_best(history: Sequence[dict[str, Any]], record: dict[str, Any]) -> bool:
-    scored = [r for r in history if "metrics" in r]
-    first = next(iter(record["metrics"]))
-    return record["metrics"][first][SELECTION_METRIC] >= max(
-        r["metrics"][first][SELECTION_METRIC] for r in scored
-    )
-
-
-def result_summary(history: Sequence[dict[str, Any]], epochs_done: int, steps: int) -> dict:
-    """``final_metrics.json``: the last evaluated epoch and the best one (selected on the test
-    set, so optimistic, and named so)."""
-    scored = [r for r in history if "metrics" in r]
-    result: dict[str, Any] = {"epochs_done": epochs_done, "global_step": steps}
-    if scored:
-        first = next(iter(scored[-1]["metrics"]))
-        best = max(scored, key=lambda r: r["metrics"][first][SELECTION_METRIC])
-        result["last_epoch"] = {"epoch": scored[-1]["epoch"], "metrics": scored[-1]["metrics"]}
-        result["best_epoch_selected_on_test_set_optimistic"] = {
-            "epoch": best["epoch"],
-            "selected_by": f"{first} {SELECTION_METRIC}",
-            "metrics": best["metrics"],
-        }
-    return result
 
 
 # -- logging ---------------------------------------------------------------------------------
@@ -569,7 +474,7 @@ class RunLockHook(HookBase):
 
 
 # -- callbacks -------------------------------------------------------------------------------
-EpochCallback = Callable[["Trainer", dict[str, Any]], None]
+EpochCallback = Callable[[Trainer, dict[str, Any]], None]
 
 
 class CallbackHook(HookBase):
@@ -611,3 +516,22 @@ def default_hooks(
         *(CallbackHook(c) for c in callbacks),
         RunFolderHook(),
     ]
+
+
+__all__ = [
+    "PHASES",
+    "SELECTION_METRIC",
+    "CallbackHook",
+    "CheckpointHook",
+    "EpochCallback",
+    "EvaluationHook",
+    "HookBase",
+    "LoggingHook",
+    "PhaseMarks",
+    "PreemptionHook",
+    "RunFolderHook",
+    "RunLockHook",
+    "TimerHook",
+    "default_hooks",
+    "result_summary",
+]

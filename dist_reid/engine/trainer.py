@@ -9,6 +9,7 @@ from a config.
 from __future__ import annotations
 
 import contextlib
+import itertools
 import json
 import logging
 import shutil
@@ -17,6 +18,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -38,12 +40,113 @@ from dist_reid.engine.checkpoint import (
     set_rng_state,
 )
 from dist_reid.engine.distributed import TrainingBackend, peer_failure
-from dist_reid.engine.hooks import HookBase, PhaseMarks, result_summary
 from dist_reid.losses.contract import EpochAwareLoss
 
 log = logging.getLogger(__name__)
 # What a resume cannot apply over the restored state, --allow-config-change or not.
 UNCHANGEABLE_ON_RESUME = ("optim.name", "optim.impl", "train.backend")
+
+
+SELECTION_METRIC = "mAP"
+# One optimiser step's phases, in order: the loop marks the end of each.
+PHASES = ("data_wait", "forward", "loss", "backward", "optimizer")
+
+
+class HookBase:
+    """A no-op at every point of the loop; subclasses override what they need."""
+
+    trainer: Trainer
+
+    def on_fit_start(self) -> None:
+        """``fit`` has begun; a checkpoint to resume from is not loaded yet."""
+
+    def before_train(self) -> None:
+        """After a resume is loaded, before the first step."""
+
+    def before_epoch(self) -> None:
+        """The epoch's sampler plan is set; ``trainer.steps_in_epoch`` is known."""
+
+    def before_step(self) -> None:
+        """The batch (``trainer.batch``) has arrived."""
+
+    def after_step(self) -> None:
+        """The optimiser stepped; ``trainer.step_terms`` holds the step's loss terms."""
+
+    def after_epoch(self) -> None:
+        """The epoch is done, its schedule step taken; ``trainer.history[-1]`` is its record."""
+
+    def after_train(self) -> None:
+        """The last epoch (or ``max_steps``) is done; not called when training stops early."""
+
+    def close(self) -> None:
+        """On every way out of ``fit``: release what the hook holds."""
+
+
+class PhaseMarks:
+    """Per-step phase ends: ``perf_counter`` on CPU; on CUDA, events recorded on the current
+    stream and resolved later, so timing adds no host synchronisation. An event phase is the GPU
+    time between two marks: ``data_wait`` is the time the GPU idled waiting for the batch."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.cuda = device.type == "cuda"
+        self.steps: list[list[Any]] = []  # [start, end of each phase], unresolved on CUDA
+        self._current: list[Any] | None = None
+
+    def _now(self) -> Any:
+        if self.cuda:
+            event = torch.cuda.Event(enable_timing=True)
+            event.record()
+            return event
+        return time.perf_counter()
+
+    def start(self) -> None:
+        self._current = [self._now()]
+
+    def mark(self) -> None:
+        if self._current is not None:
+            self._current.append(self._now())
+
+    def finish_step(self) -> None:
+        if self._current is not None and len(self._current) == len(PHASES) + 1:
+            self.steps.append(self._current)
+        self._current = None
+
+    def resolve(self) -> np.ndarray:
+        """Seconds per phase for every finished step (rows), and forget them."""
+        steps, self.steps = self.steps, []
+        if not steps:
+            return np.zeros((0, len(PHASES)))
+        if self.cuda:
+            steps[-1][-1].synchronize()
+            return np.array(
+                [[a.elapsed_time(b) / 1000 for a, b in itertools.pairwise(s)] for s in steps]
+            )
+        return np.diff(np.array(steps), axis=1)
+
+
+def is_best(history: Sequence[dict[str, Any]], record: dict[str, Any]) -> bool:
+    scored = [r for r in history if "metrics" in r]
+    first = next(iter(record["metrics"]))
+    return record["metrics"][first][SELECTION_METRIC] >= max(
+        r["metrics"][first][SELECTION_METRIC] for r in scored
+    )
+
+
+def result_summary(history: Sequence[dict[str, Any]], epochs_done: int, steps: int) -> dict:
+    """``final_metrics.json``: the last evaluated epoch and the best one (selected on the test
+    set, so optimistic, and named so)."""
+    scored = [r for r in history if "metrics" in r]
+    result: dict[str, Any] = {"epochs_done": epochs_done, "global_step": steps}
+    if scored:
+        first = next(iter(scored[-1]["metrics"]))
+        best = max(scored, key=lambda r: r["metrics"][first][SELECTION_METRIC])
+        result["last_epoch"] = {"epoch": scored[-1]["epoch"], "metrics": scored[-1]["metrics"]}
+        result["best_epoch_selected_on_test_set_optimistic"] = {
+            "epoch": best["epoch"],
+            "selected_by": f"{first} {SELECTION_METRIC}",
+            "metrics": best["metrics"],
+        }
+    return result
 
 
 class NonFiniteLossError(FloatingPointError):
