@@ -138,6 +138,21 @@ def error_lines(stderr: str) -> list[str]:
     return [line for line in stderr.strip().splitlines() if not line.startswith(records)]
 
 
+def awkward_layouts() -> list:
+    """Sampler layouts of awkward sizes (one identity of one image, odd P and K, both halves
+    first) that the methods' layout-path tests run on. Import it as
+    ``from conftest import awkward_layouts``."""
+    from reid_kernels import BatchLayout
+
+    return [
+        BatchLayout(1, 1),
+        BatchLayout(2, 3, infrared_first=True),
+        BatchLayout(5, 2),
+        BatchLayout(3, 1, infrared_first=True),
+        BatchLayout(4, 3),
+    ]
+
+
 def sampler_layout_labels(layout, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
     """(labels, modalities) of a batch in ``layout`` (a ``reid_kernels.BatchLayout``) as the
     sampler lays it out: distinct, unsorted identities, K rows each in both halves. Import it

@@ -10,6 +10,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from conftest import (
+    awkward_layouts,
     cuda_syncs_raise,
     host_syncs_raise,
     sampler_layout_labels,
@@ -210,13 +211,7 @@ def test_loss_switches():
 
 
 # -- the sampler's layout: the same terms without host syncs --------------------------------
-LAYOUTS = [
-    BatchLayout(1, 1),
-    BatchLayout(2, 3, infrared_first=True),
-    BatchLayout(5, 2),
-    BatchLayout(3, 1, infrared_first=True),
-    BatchLayout(4, 3),
-]
+LAYOUTS = awkward_layouts()
 
 
 def _layout_outputs(layout: BatchLayout, dtype=torch.float64) -> dict[str, torch.Tensor]:

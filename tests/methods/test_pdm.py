@@ -11,6 +11,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from conftest import (
+    awkward_layouts,
     cuda_syncs_raise,
     host_syncs_raise,
     sampler_layout_labels,
@@ -550,13 +551,7 @@ def test_pdm_loss_assembles_weighted_terms():
 
 
 # -- the sampler's layout: the same terms without host syncs ------------------------------------
-LAYOUTS = [
-    BatchLayout(1, 1),
-    BatchLayout(2, 3, infrared_first=True),
-    BatchLayout(5, 2),
-    BatchLayout(3, 1, infrared_first=True),
-    BatchLayout(4, 3),
-]
+LAYOUTS = awkward_layouts()
 PAPER_FORMS = {"cpm_form": "paper", "ch_form": "cosine", "dcs_form": "paper", "ort_weight": 0.0}
 
 
