@@ -138,6 +138,33 @@ def error_lines(stderr: str) -> list[str]:
     return [line for line in stderr.strip().splitlines() if not line.startswith(records)]
 
 
+def loss_terms_and_grads(loss, outputs: dict, labels, modalities) -> tuple[dict, dict]:
+    """A loss's terms and the gradients of their sum w.r.t. every output (None where an output
+    is not read). Import it as ``from conftest import loss_terms_and_grads``."""
+    out = {k: v.clone().requires_grad_() for k, v in outputs.items()}
+    terms = loss(out, labels, modalities)
+    sum(terms.values()).backward()
+    return terms, {k: v.grad for k, v in out.items()}
+
+
+def assert_layout_path_is_sync_free(
+    layout_loss, general_loss, outputs: dict, labels, modalities, grad_keys=None
+) -> None:
+    """After its first (checked) batch, ``layout_loss`` computes the same terms, forward and
+    backward, under :func:`host_syncs_raise`, with finite non-zero gradients for ``grad_keys``
+    (default: every output); ``general_loss`` (no layout) does trip the stand-in. Import it as
+    ``from conftest import assert_layout_path_is_sync_free``."""
+    first, _ = loss_terms_and_grads(layout_loss, outputs, labels, modalities)
+    with host_syncs_raise():
+        terms, grads = loss_terms_and_grads(layout_loss, outputs, labels, modalities)
+    for key in first:
+        torch.testing.assert_close(terms[key], first[key], msg=key)
+    checked = [grads[k] for k in (grad_keys or grads)]
+    assert all(torch.isfinite(g).all() and g.abs().sum() > 0 for g in checked)
+    with pytest.raises(AssertionError, match="host-syncing"), host_syncs_raise():
+        loss_terms_and_grads(general_loss, outputs, labels, modalities)
+
+
 def awkward_layouts() -> list:
     """Sampler layouts of awkward sizes (one identity of one image, odd P and K, both halves
     first) that the methods' layout-path tests run on. Import it as

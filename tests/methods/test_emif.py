@@ -10,9 +10,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 from conftest import (
+    assert_layout_path_is_sync_free,
     awkward_layouts,
     cuda_syncs_raise,
-    host_syncs_raise,
+    loss_terms_and_grads,
     sampler_layout_labels,
     tiny_run_overrides,
 )
@@ -226,14 +227,6 @@ def _layout_outputs(layout: BatchLayout, dtype=torch.float64) -> dict[str, torch
     }
 
 
-def _emif_terms(loss: EMIFLoss, outputs: dict, labels, mods):
-    """The terms and the gradients of their sum w.r.t. every output."""
-    out = {k: v.clone().requires_grad_() for k, v in outputs.items()}
-    terms = loss(out, labels, mods)
-    sum(terms.values()).backward()
-    return terms, {k: v.grad for k, v in out.items()}
-
-
 @pytest.mark.parametrize("divergence", ["w2", "kl"])
 @pytest.mark.parametrize("scope", ["batch", "identity"])
 @pytest.mark.parametrize("layout", LAYOUTS, ids=str)
@@ -263,8 +256,10 @@ def test_distribution_consistency_layout_equals_the_general_path(layout, scope, 
 def test_sampler_layout_gives_the_same_terms_and_gradients(layout, options):
     labels, mods = sampler_layout_labels(layout, seed=layout.rows)
     outputs = _layout_outputs(layout)
-    want, want_grads = _emif_terms(EMIFLoss(kernels="torch", **options), outputs, labels, mods)
-    got, got_grads = _emif_terms(
+    want, want_grads = loss_terms_and_grads(
+        EMIFLoss(kernels="torch", **options), outputs, labels, mods
+    )
+    got, got_grads = loss_terms_and_grads(
         EMIFLoss(kernels="torch", batch_layout=layout, **options), outputs, labels, mods
     )
     assert got.keys() == want.keys() == {"id", "triplet", "branch_id", "intra", "dist"}
@@ -293,15 +288,13 @@ def test_sampler_layout_reads_no_value_on_the_host(backend):
     labels, mods = sampler_layout_labels(layout)
     outputs = _layout_outputs(layout, dtype=torch.float32)
     for options in ({}, {"triplet": "hard", "intra": "wrt", "dist_scope": "identity"}):
-        loss = EMIFLoss(kernels=backend, batch_layout=layout, **options)
-        first, _ = _emif_terms(loss, outputs, labels, mods)
-        with host_syncs_raise():
-            terms, grads = _emif_terms(loss, outputs, labels, mods)
-        for key in first:
-            torch.testing.assert_close(terms[key], first[key], msg=key)
-        assert all(torch.isfinite(g).all() and g.abs().sum() > 0 for g in grads.values())
-    with pytest.raises(AssertionError, match="host-syncing"), host_syncs_raise():
-        _emif_terms(EMIFLoss(kernels=backend), outputs, labels, mods)
+        assert_layout_path_is_sync_free(
+            EMIFLoss(kernels=backend, batch_layout=layout, **options),
+            EMIFLoss(kernels=backend),
+            outputs,
+            labels,
+            mods,
+        )
 
 
 @pytest.mark.gpu
@@ -311,10 +304,10 @@ def test_cuda_layout_path_has_no_host_sync_and_matches(scope):
     labels, mods = (t.cuda() for t in sampler_layout_labels(layout))
     outputs = {k: v.cuda() for k, v in _layout_outputs(layout, dtype=torch.float32).items()}
     loss = EMIFLoss(kernels="auto", batch_layout=layout, dist_scope=scope)
-    _emif_terms(loss, outputs, labels, mods)  # checks the layout and compiles the kernels
+    loss_terms_and_grads(loss, outputs, labels, mods)  # checks the layout and compiles the kernels
     with cuda_syncs_raise():
-        terms, grads = _emif_terms(loss, outputs, labels, mods)
-    want, want_grads = _emif_terms(
+        terms, grads = loss_terms_and_grads(loss, outputs, labels, mods)
+    want, want_grads = loss_terms_and_grads(
         EMIFLoss(kernels="torch", dist_scope=scope), outputs, labels, mods
     )
     for key in want:

@@ -11,9 +11,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 from conftest import (
+    assert_layout_path_is_sync_free,
     awkward_layouts,
     cuda_syncs_raise,
-    host_syncs_raise,
+    loss_terms_and_grads,
     sampler_layout_labels,
     tiny_run_overrides,
 )
@@ -569,10 +570,8 @@ def _layout_outputs(layout: BatchLayout, sets: int = 3, dtype=torch.float64) -> 
 
 def _pdm_terms(loss: PDMLoss, outputs: dict, labels, mods):
     """The terms and the gradients of their sum w.r.t. the two feature outputs."""
-    out = {k: v.clone().requires_grad_() for k, v in outputs.items()}
-    terms = loss(out, labels, mods)
-    sum(terms.values()).backward()
-    return terms, (out["global"].grad, out["feature"].grad)
+    terms, grads = loss_terms_and_grads(loss, outputs, labels, mods)
+    return terms, (grads["global"], grads["feature"])
 
 
 @pytest.mark.parametrize("forms", [{}, PAPER_FORMS], ids=["official", "paper"])
@@ -628,15 +627,14 @@ def test_sampler_layout_reads_no_value_on_the_host(backend, forms):
     layout = BatchLayout(3, 2, infrared_first=True)
     labels, mods = sampler_layout_labels(layout)
     outputs = _layout_outputs(layout, dtype=torch.float32)
-    loss = PDMLoss(kernels=backend, batch_layout=layout, **forms)
-    first, _ = _pdm_terms(loss, outputs, labels, mods)
-    with host_syncs_raise():
-        terms, grads = _pdm_terms(loss, outputs, labels, mods)
-    for key in first:
-        torch.testing.assert_close(terms[key], first[key], msg=key)
-    assert all(torch.isfinite(g).all() and g.abs().sum() > 0 for g in grads)
-    with pytest.raises(AssertionError, match="host-syncing"), host_syncs_raise():
-        _pdm_terms(PDMLoss(kernels=backend, **forms), outputs, labels, mods)
+    assert_layout_path_is_sync_free(
+        PDMLoss(kernels=backend, batch_layout=layout, **forms),
+        PDMLoss(kernels=backend, **forms),
+        outputs,
+        labels,
+        mods,
+        grad_keys=("global", "feature"),
+    )
 
 
 @pytest.mark.parametrize(
