@@ -8,6 +8,7 @@ built with a 2 s collective timeout and a 20 s set-up timeout, then three phases
 """
 
 import json
+import os
 import sys
 import time
 
@@ -45,3 +46,7 @@ with backend.waiting_on_rank_zero():
 phase("later", late_rank=1, delay=6.0)
 with open(out, "w") as f:
     json.dump(result, f)
+# The group is broken on purpose (the last collective timed out): tearing it down at exit can
+# abort in gloo's threads ("terminate called without an active exception"); skip it.
+sys.stdout.flush()
+os._exit(0)
