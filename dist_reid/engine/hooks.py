@@ -375,6 +375,9 @@ class LoggingHook(HookBase):
     def before_epoch(self) -> None:
         t = self.trainer
         self._reset()
+        # The epoch line reports the lr this epoch trained at: after_epoch runs once the
+        # scheduler has stepped to the next epoch's.
+        self.epoch_lr = t.optimizer.param_groups[-1]["lr"]
         self.bar = tqdm(
             total=t.steps_in_epoch,
             initial=t.cursor,
@@ -417,7 +420,7 @@ class LoggingHook(HookBase):
                 epochs=t.epochs,
                 steps=self.steps,
                 losses=losses,
-                lr=t.optimizer.param_groups[-1]["lr"],
+                lr=self.epoch_lr,
                 images_per_s=images_per_s,
                 seconds=seconds,
                 eta_s=mean_epoch * (t.epochs - t.epoch),

@@ -183,6 +183,18 @@ def test_the_logging_hook_refuses_a_run_log_it_cannot_open(tmp_path):
     assert trainer.global_step == 0
 
 
+def test_epoch_lines_report_the_lr_each_epoch_trained_at(tmp_path, capsys):
+    """The scheduler steps before ``after_epoch``; the line must still show the epoch's own lr
+    (0.1, then 0.05 under ``0.5 ** epoch``), not the next epoch's."""
+    from dist_reid.engine.hooks import LoggingHook
+
+    trainer = _trainer([LoggingHook(1, trackers=())], steps=2, epochs=2)
+    trainer.run_dir = tmp_path / "run"
+    trainer.fit()
+    lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("epoch ")]
+    assert [line.split(" | ")[3] for line in lines] == ["lr 1.00e-01", "lr 5.00e-02"]
+
+
 def test_timer_attributes_each_phase_and_skips_warmup(monkeypatch):
     """A clock that moves only inside the data, forward and loss phases (by different amounts):
     each amount shows up in its own phase, nothing in the others."""
