@@ -12,7 +12,7 @@ from torch import nn
 from dist_reid.config.schema import ConfigError, ExperimentConfig
 from dist_reid.data.augment import AugmentOptions
 from dist_reid.data.datasets import VIReIDDataset, open_dataset
-from dist_reid.data.synthetic.layouts import generate
+from dist_reid.data.synthetic.layouts import generate, manifest_mismatch
 from dist_reid.evaluation.protocols import EvaluationPlan
 from dist_reid.losses import LOSSES
 from dist_reid.losses.contract import ReIDLoss
@@ -27,6 +27,15 @@ def ensure_synthetic(cfg: ExperimentConfig) -> None:
     """Generate the synthetic tree at ``data.root`` when asked for and absent (call on one rank)."""
     root = Path(cfg.data.root)
     synth = cfg.data.synthetic
+    if synth.enabled and root.exists():
+        mismatch = manifest_mismatch(
+            root, cfg.data.dataset, synth.num_ids, synth.seed, synth.images_per_camera
+        )
+        if mismatch:  # training on another tree than the config says would be silent
+            raise ValueError(
+                f"{mismatch}; delete {root} (data.synthetic regenerates it) or set data.root "
+                "to another folder"
+            )
     if synth.enabled and not root.exists():
         log.info(
             "generating synthetic %s at %s (%d ids, seed %d)",

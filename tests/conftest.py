@@ -110,12 +110,14 @@ def one_torch_thread():
 def tiny_run_overrides(
     root: Path, out: Path, name: str, *extra: str, eval_subset: bool = True
 ) -> list[str]:
-    """Overrides that shrink a recipe to a test run: 64x32 inputs, 4 ids x 2 images per
-    modality, no loader workers or trackers, torch kernels; ``eval_subset`` scores trial 0
-    of the first setting only. Import it as ``from conftest import tiny_run_overrides``."""
+    """Overrides that shrink a recipe to a test run on the existing tree ``root`` (generation
+    off: the presets' ``data.synthetic`` arguments describe another tree): 64x32 inputs, 4 ids x
+    2 images per modality, no loader workers or trackers, torch kernels; ``eval_subset`` scores
+    trial 0 of the first setting only. Import it as ``from conftest import tiny_run_overrides``."""
     subset = ["eval.trials=[0]", "eval.settings=[all]"] if eval_subset else []
     return [
         f"data.root={root}",
+        "data.synthetic.enabled=false",
         f"run.output_dir={out}",
         f"run.name={name}",
         "data.height=64",

@@ -468,6 +468,7 @@ def test_training_through_the_dali_cpu_graph_lowers_the_loss(synthetic_trees, tm
     config = str(Path(__file__).resolve().parents[2] / "configs/experiments/demo_sysu_agw.yaml")
     overrides = [
         f"data.root={root}",
+        "data.synthetic.enabled=false",
         f"run.output_dir={tmp_path}",
         "run.name=dali",
         "data.height=64",

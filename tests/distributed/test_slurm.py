@@ -54,6 +54,7 @@ def _overrides(root: Path, out: Path, name: str) -> list[str]:
     # No data.num_workers: the script derives it from --cpus-per-task (2 per node task here).
     return [
         f"data.root={root}",
+        "data.synthetic.enabled=false",
         f"run.output_dir={out}",
         f"run.name={name}",
         "data.height=64",

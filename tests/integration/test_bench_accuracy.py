@@ -62,6 +62,7 @@ def test_tiny_run_writes_rows_and_the_evaluators_chance(synthetic_trees, tmp_pat
     root, _ = synthetic_trees["sysu"]
     overrides = [
         f"data.root={root}",
+        "data.synthetic.enabled=false",
         "data.height=64",
         "data.width=32",
         "data.num_workers=0",

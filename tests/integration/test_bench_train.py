@@ -14,6 +14,7 @@ CONFIG = "configs/experiments/demo_sysu_agw.yaml"
 def _tiny(root):
     return [
         f"data.root={root}",
+        "data.synthetic.enabled=false",
         "data.height=64",
         "data.width=32",
         "data.num_workers=0",

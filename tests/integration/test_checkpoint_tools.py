@@ -26,6 +26,7 @@ CONFIG = str(REPO / "configs/experiments/demo_sysu_agw.yaml")
 def _tiny(root: Path, out: Path) -> list[str]:
     return [
         f"data.root={root}",
+        "data.synthetic.enabled=false",
         f"run.output_dir={out}",
         "run.name=run",
         "data.height=64",
@@ -67,7 +68,19 @@ def test_a_bare_checkpoint_reproduces_the_runs_metrics_and_leaves_the_run_untouc
     assert main(["eval", "--checkpoint", str(run / "last.pt"), "--name", "bare"]) == 0
     # the README's form: a dataset config for the data side, the model from the checkpoint
     command = ["eval", "-c", "configs/datasets/sysu.yaml", "--checkpoint", str(run / "last.pt")]
-    assert main([*command, f"data.root={root}", "eval.trials=[0,1]", "--name", "readme"]) == 0
+    assert (
+        main(
+            [
+                *command,
+                f"data.root={root}",
+                "data.synthetic.enabled=false",
+                "eval.trials=[0,1]",
+                "--name",
+                "readme",
+            ]
+        )
+        == 0
+    )
     assert main(["plot", "--checkpoint", str(run / "last.pt"), "--out", str(tmp_path / "fig")]) == 0
     assert main(["report", str(run)]) == 0
     capsys.readouterr()
@@ -88,7 +101,7 @@ def test_only_the_evaluation_side_of_a_config_is_taken(trained):
     cfg = checkpoint_config(
         run / "best.pt",
         REPO / "configs/datasets/sysu.yaml",
-        [f"data.root={root}", "eval.flip=true"],
+        [f"data.root={root}", "data.synthetic.enabled=false", "eval.flip=true"],
     )
     stored = load_config(run / "config.yaml")
     assert cfg.model == stored.model and (cfg.data.height, cfg.data.width) == (64, 32)
@@ -123,7 +136,10 @@ def test_a_command_reads_its_checkpoint_once(tmp_path, monkeypatch):
     read once to both, and ``extract`` does so end to end."""
     root = tmp_path / "sysu"
     generate("sysu", root, 4, seed=3, images_per_camera=1)
-    cfg = load_config(CONFIG, [f"data.root={root}", "data.height=64", "data.width=32"])
+    cfg = load_config(
+        CONFIG,
+        [f"data.root={root}", "data.synthetic.enabled=false", "data.height=64", "data.width=32"],
+    )
     torch.manual_seed(0)
     model = build_model(cfg, 4, pretrained=False)
     path = tmp_path / "model.pt"

@@ -44,7 +44,13 @@ def sysu_root(tmp_path_factory):
 
 
 def _overrides(root, out, name):
-    return [f"data.root={root}", f"run.output_dir={out}", f"run.name={name}", *TINY]
+    return [
+        f"data.root={root}",
+        "data.synthetic.enabled=false",
+        f"run.output_dir={out}",
+        f"run.name={name}",
+        *TINY,
+    ]
 
 
 def test_eval_untrained_writes_config_metrics_and_chance(sysu_root, tmp_path, capsys):

@@ -32,7 +32,7 @@ def _sweep_file(tmp_path: Path, root: Path, space: dict, **extra) -> Path:
     spec = {
         "name": "tiny",
         "base_config": str(REPO / "configs/experiments/demo_sysu_agw.yaml"),
-        "overrides": [*TINY, f"data.root={root}"],
+        "overrides": [*TINY, f"data.root={root}", "data.synthetic.enabled=false"],
         "search_space": space,
         "metric": "all/mAP",
         "scheduler": {"kind": "asha", "grace_period": 1, "reduction_factor": 2},

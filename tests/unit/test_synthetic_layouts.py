@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from dist_reid.data.synthetic.layouts import SyntheticError, generate
+from dist_reid.data.synthetic.layouts import MANIFEST, SyntheticError, generate, read_manifest
 
 
 def _digest(root: Path) -> dict[str, str]:
@@ -93,3 +93,31 @@ def test_bad_arguments_name_the_argument(tmp_path, kwargs, match):
     args = {"layout": "sysu", "root": tmp_path / "x", "num_ids": 6, **kwargs}
     with pytest.raises(SyntheticError, match=match):
         generate(**args)
+
+
+def test_a_tree_generated_with_other_arguments_is_refused_not_reused(tmp_path):
+    """``data.synthetic`` generates a missing tree and reuses an existing one; a tree written
+    with other arguments (here 6 ids, asked 8) must stop the run with one line naming the
+    manifest and each differing argument, not train silently on the old data."""
+    from dist_reid.builders import ensure_synthetic
+    from dist_reid.config import load_config
+
+    root = tmp_path / "SYSU-MM01"
+    generate("sysu", root, 6, seed=3, images_per_camera=1)
+    assert read_manifest(root) == {
+        "layout": "sysu", "num_ids": 6, "seed": 3, "images_per_camera": 1
+    }  # fmt: skip
+    keys = [f"data.root={root}", "data.synthetic.enabled=true", "data.synthetic.seed=3"]
+    same = load_config(
+        None, [*keys, "data.synthetic.num_ids=6", "data.synthetic.images_per_camera=1"]
+    )
+    ensure_synthetic(same)  # the same arguments: reused as it is
+    other = load_config(
+        None, [*keys, "data.synthetic.num_ids=8", "data.synthetic.images_per_camera=1"]
+    )
+    with pytest.raises(ValueError) as caught:
+        ensure_synthetic(other)
+    message = str(caught.value)
+    assert "\n" not in message and str(root / MANIFEST) in message
+    assert "num_ids=6 (asked: 8)" in message and "seed" not in message.split("generated with")[1]
+    assert read_manifest(root)["num_ids"] == 6  # nothing was rewritten

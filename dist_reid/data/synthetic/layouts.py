@@ -8,12 +8,14 @@ is deterministic for a seed and independent of generation order.
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -25,31 +27,86 @@ DEFAULT_IMAGES_PER_CAMERA = {"sysu": 6, "regdb": 10, "llcm": 6}
 SYSU_CAMERAS = {
     1: CameraProfile(1, "visible", (256, 112), contrast=1.0, brightness=0.02, scene="indoor"),
     2: CameraProfile(2, "visible", (240, 104), contrast=0.9, brightness=-0.02, scene="indoor"),
-    3: CameraProfile(3, "infrared", (192, 80), contrast=0.8, noise_std=0.03, blur=0.8, scene="indoor"),
+    3: CameraProfile(
+        3, "infrared", (192, 80), contrast=0.8, noise_std=0.03, blur=0.8, scene="indoor"
+    ),
     4: CameraProfile(4, "visible", (288, 128), contrast=1.1, brightness=0.05, scene="outdoor"),
     5: CameraProfile(5, "visible", (272, 120), contrast=1.05, brightness=0.0, scene="outdoor"),
-    6: CameraProfile(6, "infrared", (176, 72), contrast=0.7, noise_std=0.04, blur=1.0, scene="night"),
+    6: CameraProfile(
+        6, "infrared", (176, 72), contrast=0.7, noise_std=0.04, blur=1.0, scene="night"
+    ),
 }
 REGDB_CAMERAS = {
     "visible": CameraProfile(1, "visible", (128, 64), contrast=1.0, blur=0.6, scene="outdoor"),
-    "infrared": CameraProfile(2, "infrared", (128, 64), contrast=0.75, noise_std=0.03, blur=1.2, scene="night"),
+    "infrared": CameraProfile(
+        2, "infrared", (128, 64), contrast=0.75, noise_std=0.03, blur=1.2, scene="night"
+    ),
 }
 # LLCM: low-light day/night cameras; camera k is the same physical camera in both modalities.
 LLCM_VISIBLE = {
     cam: CameraProfile(
-        cam, "visible", (256, 104), contrast=0.7 + 0.05 * (cam % 4), brightness=-0.15 + 0.03 * (cam % 5),
-        noise_std=0.04, blur=0.8, scene="night" if cam % 3 == 0 else "outdoor",
+        cam,
+        "visible",
+        (256, 104),
+        contrast=0.7 + 0.05 * (cam % 4),
+        brightness=-0.15 + 0.03 * (cam % 5),
+        noise_std=0.04,
+        blur=0.8,
+        scene="night" if cam % 3 == 0 else "outdoor",
     )
     for cam in range(1, 10)
 }
 LLCM_INFRARED = {
-    cam: CameraProfile(cam, "infrared", (224, 92), contrast=0.75, noise_std=0.04, blur=1.0, scene="night")
+    cam: CameraProfile(
+        cam, "infrared", (224, 92), contrast=0.75, noise_std=0.04, blur=1.0, scene="night"
+    )
     for cam in (1, 2, 4, 5, 6, 7, 8, 9)
 }
 
 
+MANIFEST = "synthetic.json"  # the generator's arguments, written at the tree's root
+
+
 class SyntheticError(ValueError):
     """Bad arguments to the generator (the message names the argument)."""
+
+
+def read_manifest(root: str | os.PathLike[str]) -> dict[str, Any] | None:
+    """The arguments a synthetic tree at ``root`` was generated with (None: no manifest, e.g.
+    real data or a tree written before manifests existed)."""
+    path = Path(root) / MANIFEST
+    if not path.is_file():
+        return None
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise SyntheticError(f"{path}: unreadable synthetic manifest ({exc})") from None
+
+
+def manifest_mismatch(
+    root: str | os.PathLike[str],
+    layout: str,
+    num_ids: int,
+    seed: int,
+    images_per_camera: int | None,
+) -> str | None:
+    """A one-line explanation when the tree at ``root`` was generated with other arguments than
+    these (None when they match or the tree has no manifest)."""
+    found = read_manifest(root)
+    if found is None:
+        return None
+    wanted = {
+        "layout": layout,
+        "num_ids": num_ids,
+        "seed": seed,
+        "images_per_camera": images_per_camera or DEFAULT_IMAGES_PER_CAMERA.get(layout),
+    }
+    diffs = [f"{k}={found.get(k)!r} (asked: {v!r})" for k, v in wanted.items() if found.get(k) != v]
+    if not diffs:
+        return None
+    return f"{Path(root) / MANIFEST}: the synthetic tree at {root} was generated with " + ", ".join(
+        diffs
+    )
 
 
 @dataclass
@@ -78,7 +135,9 @@ def _image_rng(seed: int, pid: int, cam: int, index: int) -> np.random.Generator
     return np.random.default_rng([seed, pid, cam, index])
 
 
-def _split_ids(ids: list[int], fractions: tuple[float, ...], rng: np.random.Generator) -> list[list[int]]:
+def _split_ids(
+    ids: list[int], fractions: tuple[float, ...], rng: np.random.Generator
+) -> list[list[int]]:
     """Shuffle ``ids`` and cut them by ``fractions`` (each part at least 1 id, sorted)."""
     order = list(rng.permutation(ids))
     sizes = [max(1, round(f * len(ids))) for f in fractions]
@@ -109,7 +168,9 @@ def _save(image, path: Path) -> None:
         image.save(path, format="JPEG", quality=90)
 
 
-def _write_sysu(root: Path, summary: SynthSummary, per_camera: int, progress: Callable[[int], None]) -> None:
+def _write_sysu(
+    root: Path, summary: SynthSummary, per_camera: int, progress: Callable[[int], None]
+) -> None:
     rng = np.random.default_rng([summary.seed, 0x5_15])
     ids = list(range(1, summary.num_ids + 1))
     test, val, train = _split_ids(ids, (0.2, 0.2), rng)
@@ -118,7 +179,12 @@ def _write_sysu(root: Path, summary: SynthSummary, per_camera: int, progress: Ca
         (root / f"cam{cam}").mkdir(parents=True, exist_ok=True)
     exp = root / "exp"
     exp.mkdir(parents=True, exist_ok=True)
-    for name, part in (("train_id", train), ("val_id", val), ("test_id", test), ("available_id", ids)):
+    for name, part in (
+        ("train_id", train),
+        ("val_id", val),
+        ("test_id", test),
+        ("available_id", ids),
+    ):
         (exp / f"{name}.txt").write_text(",".join(str(i) for i in part) + "\n")
     split_of = {pid: "test" if pid in test else "train" for pid in ids}
     for pid in ids:
@@ -133,7 +199,9 @@ def _write_sysu(root: Path, summary: SynthSummary, per_camera: int, progress: Ca
                 progress(1)
 
 
-def _write_regdb(root: Path, summary: SynthSummary, per_camera: int, progress: Callable[[int], None]) -> None:
+def _write_regdb(
+    root: Path, summary: SynthSummary, per_camera: int, progress: Callable[[int], None]
+) -> None:
     rng = np.random.default_rng([summary.seed, 0xDB])
     ids = list(range(1, summary.num_ids + 1))
     folder = {"visible": "Visible", "infrared": "Thermal"}
@@ -148,7 +216,9 @@ def _write_regdb(root: Path, summary: SynthSummary, per_camera: int, progress: C
             names = []
             for index in range(per_camera):
                 name = f"{sex}_{view}_{tag[modality]}_{serial:05d}_{index + 1}.bmp"
-                image = render_image(identity, camera, _image_rng(summary.seed, pid, camera.cam, index))
+                image = render_image(
+                    identity, camera, _image_rng(summary.seed, pid, camera.cam, index)
+                )
                 _save(image, root / folder[modality] / str(pid) / name)
                 names.append(f"{folder[modality]}/{pid}/{name}")
                 summary.add("all", modality, camera.cam)
@@ -165,13 +235,17 @@ def _write_regdb(root: Path, summary: SynthSummary, per_camera: int, progress: C
         summary.splits[f"test_{trial}"] = test
         for modality, list_name in (("visible", "visible"), ("infrared", "thermal")):
             # Training labels are class indices 0..C-1; test labels keep the identity number.
-            train_lines = [f"{p} {label}" for label, pid in enumerate(train) for p in files[(pid, modality)]]
+            train_lines = [
+                f"{p} {label}" for label, pid in enumerate(train) for p in files[(pid, modality)]
+            ]
             test_lines = [f"{p} {pid}" for pid in test for p in files[(pid, modality)]]
             (idx / f"train_{list_name}_{trial}.txt").write_text("\n".join(train_lines) + "\n")
             (idx / f"test_{list_name}_{trial}.txt").write_text("\n".join(test_lines) + "\n")
 
 
-def _write_llcm(root: Path, summary: SynthSummary, per_camera: int, progress: Callable[[int], None]) -> None:
+def _write_llcm(
+    root: Path, summary: SynthSummary, per_camera: int, progress: Callable[[int], None]
+) -> None:
     rng = np.random.default_rng([summary.seed, 0x11C])
     ids = list(range(1, summary.num_ids + 1))
     test, train = _split_ids(ids, (351 / 1064,), rng)
@@ -189,12 +263,19 @@ def _write_llcm(root: Path, summary: SynthSummary, per_camera: int, progress: Ca
     for pid in ids:
         identity = sample_identity(pid, summary.seed)
         split = "test" if pid in test else "train"
-        for modality, cameras, p in (("visible", LLCM_VISIBLE, 0.45), ("infrared", LLCM_INFRARED, 0.45)):
+        for modality, cameras, p in (
+            ("visible", LLCM_VISIBLE, 0.45),
+            ("infrared", LLCM_INFRARED, 0.45),
+        ):
             for cam in sorted(_camera_subset(rng, tuple(cameras), p)):
                 sequence = int(rng.integers(100000, 240000))
                 for index in range(_count(rng, per_camera)):
                     name = f"{pid:04d}_c{cam:02d}_s{sequence:06d}_f{1000 + 10 * index:04d}_{suffix[modality]}.jpg"
-                    image = render_image(identity, cameras[cam], _image_rng(summary.seed, pid, 100 * cam + (modality == "infrared"), index))
+                    image = render_image(
+                        identity,
+                        cameras[cam],
+                        _image_rng(summary.seed, pid, 100 * cam + (modality == "infrared"), index),
+                    )
                     if split == "test":
                         rel = f"test_{suffix[modality]}/cam{cam}/{pid:04d}/{name}"
                     else:
@@ -237,7 +318,9 @@ def generate(
     root = Path(root)
     occupied = any(root.iterdir()) if root.is_dir() else root.exists()
     if occupied and not overwrite:
-        raise SyntheticError(f"{root} already exists; pass overwrite=True (--overwrite) to replace it")
+        raise SyntheticError(
+            f"{root} already exists; pass overwrite=True (--overwrite) to replace it"
+        )
     partial = root.with_name(root.name + ".partial")
     if partial.exists():
         shutil.rmtree(partial)
@@ -245,6 +328,8 @@ def generate(
     summary = SynthSummary(layout=layout, root=str(root), seed=seed, num_ids=num_ids)
     start = time.perf_counter()
     WRITERS[layout](partial, summary, per_camera, progress or (lambda n: None))
+    manifest = {"layout": layout, "num_ids": num_ids, "seed": seed, "images_per_camera": per_camera}
+    (partial / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
     summary.seconds = time.perf_counter() - start
     if root.exists():
         shutil.rmtree(root)
