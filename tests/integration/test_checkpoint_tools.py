@@ -68,19 +68,7 @@ def test_a_bare_checkpoint_reproduces_the_runs_metrics_and_leaves_the_run_untouc
     assert main(["eval", "--checkpoint", str(run / "last.pt"), "--name", "bare"]) == 0
     # the README's form: a dataset config for the data side, the model from the checkpoint
     command = ["eval", "-c", "configs/datasets/sysu.yaml", "--checkpoint", str(run / "last.pt")]
-    assert (
-        main(
-            [
-                *command,
-                f"data.root={root}",
-                "data.synthetic.enabled=false",
-                "eval.trials=[0,1]",
-                "--name",
-                "readme",
-            ]
-        )
-        == 0
-    )
+    assert main([*command, f"data.root={root}", "eval.trials=[0,1]", "--name", "readme"]) == 0
     assert main(["plot", "--checkpoint", str(run / "last.pt"), "--out", str(tmp_path / "fig")]) == 0
     assert main(["report", str(run)]) == 0
     capsys.readouterr()
@@ -101,7 +89,7 @@ def test_only_the_evaluation_side_of_a_config_is_taken(trained):
     cfg = checkpoint_config(
         run / "best.pt",
         REPO / "configs/datasets/sysu.yaml",
-        [f"data.root={root}", "data.synthetic.enabled=false", "eval.flip=true"],
+        [f"data.root={root}", "eval.flip=true"],
     )
     stored = load_config(run / "config.yaml")
     assert cfg.model == stored.model and (cfg.data.height, cfg.data.width) == (64, 32)

@@ -34,13 +34,7 @@ def test_export_command_writes_graphs_that_match_eager(synthetic_trees, tmp_path
     import onnxruntime as ort
 
     root, _ = synthetic_trees["sysu"]
-    overrides = [
-        f"data.root={root}",
-        "data.synthetic.enabled=false",
-        "data.height=64",
-        "data.width=32",
-        "model.backbone=resnet18",
-    ]
+    overrides = [f"data.root={root}", "data.height=64", "data.width=32", "model.backbone=resnet18"]
     assert (
         main(
             [

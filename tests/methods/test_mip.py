@@ -304,7 +304,6 @@ def test_two_process_training_loss_falls(synthetic_trees, tmp_path, two_process_
     root, _ = synthetic_trees["sysu"]
     overrides = [
         f"data.root={root}",
-        "data.synthetic.enabled=false",
         f"run.output_dir={tmp_path}",
         "run.name=ddp",
         "data.height=64",
@@ -435,7 +434,6 @@ def test_trainer_schedules_each_group_as_released_and_resumes_it(synthetic_trees
     tiny_opts = [f"model.options.{k}={v}" for k, v in TINY.items()]
     overrides = [
         f"data.root={root}",
-        "data.synthetic.enabled=false",
         f"run.output_dir={tmp_path}",
         "data.height=64",
         "data.width=32",

@@ -191,7 +191,6 @@ def test_plot_command_writes_every_figure(synthetic_trees, tmp_path):
     root, _ = synthetic_trees["sysu"]
     overrides = [
         f"data.root={root}",
-        "data.synthetic.enabled=false",
         "data.height=64",
         "data.width=32",
         "model.backbone=resnet18",
