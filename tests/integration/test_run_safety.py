@@ -52,8 +52,10 @@ def test_sampler_builder_refuses_one_identity_per_rank():
 
 
 def test_trainer_names_the_key_and_how_to_scale_it_before_reading_data(tmp_path):
-    data = tmp_path / "data"  # synthetic.enabled: reading the data would generate it here
-    cfg = load_config(CONFIG, tiny(data, tmp_path, "run", "train.ids_per_batch=8"))
+    data = tmp_path / "data"  # generation on: reading the data would create it here
+    cfg = load_config(
+        CONFIG, tiny(data, tmp_path, "run", "data.synthetic.enabled=true", "train.ids_per_batch=8")
+    )
     eight_ranks = types.SimpleNamespace(world_size=8, rank=0, is_main=True)
     with pytest.raises(ConfigError) as excinfo:
         build_trainer(cfg, backend=eight_ranks)
@@ -65,7 +67,8 @@ def test_trainer_names_the_key_and_how_to_scale_it_before_reading_data(tmp_path)
 
 def test_dist_reid_train_one_identity_per_batch_is_one_line_exit_2(tmp_path, capsys):
     data = tmp_path / "data"
-    argv = ["train", "-c", CONFIG, *tiny(data, tmp_path, "run", "train.ids_per_batch=1")]
+    extra = ("data.synthetic.enabled=true", "train.ids_per_batch=1")  # generation on, as above
+    argv = ["train", "-c", CONFIG, *tiny(data, tmp_path, "run", *extra)]
     argv.append("train.max_steps=1")
     assert main(argv) == 2
     err = capsys.readouterr().err

@@ -12,10 +12,12 @@ from dist_reid.data.synthetic.layouts import MANIFEST, SyntheticError, generate,
 
 
 def _digest(root: Path) -> dict[str, str]:
+    """Hashes of the dataset's files; the manifest (it names the seed) is left out, so that
+    "other seed, other bytes" is about the images and split files."""
     return {
         str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
         for p in sorted(root.rglob("*"))
-        if p.is_file()
+        if p.is_file() and p.name != MANIFEST
     }
 
 
