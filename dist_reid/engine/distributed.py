@@ -249,11 +249,13 @@ def peer_failure(exc: BaseException, backend: TrainingBackend) -> str | None:
     """One line for a collective that timed out or lost a peer, or None for any other error.
 
     gloo raises a plain RuntimeError whose message carries gloo's source path ("Timed out
-    waiting 10000ms for recv operation", "Connection closed by peer"); NCCL and the store raise
-    ``torch.distributed.DistError`` subclasses."""
+    waiting 10000ms for recv operation", "Connection closed by peer"), except for a pair closed
+    after a timeout ("Application timeout caused pair closure", no path); NCCL and the store
+    raise ``torch.distributed.DistError`` subclasses."""
     text = str(exc)
     dist_error = getattr(torch.distributed, "DistError", ())
-    if not (isinstance(exc, dist_error) or "/gloo/" in text):
+    gloo = "/gloo/" in text or "caused pair closure" in text
+    if not (isinstance(exc, dist_error) or gloo):
         return None
     detail = text.split("] ", 1)[-1].splitlines()[0].strip() if text else type(exc).__name__
     if "timed out" in text.lower() or "timeout" in text.lower():
