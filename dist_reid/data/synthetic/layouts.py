@@ -95,18 +95,19 @@ def manifest_mismatch(
     found = read_manifest(root)
     if found is None:
         return None
-    wanted = {
-        "layout": layout,
-        "num_ids": num_ids,
-        "seed": seed,
-        "images_per_camera": images_per_camera or DEFAULT_IMAGES_PER_CAMERA.get(layout),
-    }
+    wanted = _manifest(layout, num_ids, seed, images_per_camera)
     diffs = [f"{k}={found.get(k)!r} (asked: {v!r})" for k, v in wanted.items() if found.get(k) != v]
     if not diffs:
         return None
     return f"{Path(root) / MANIFEST}: the synthetic tree at {root} was generated with " + ", ".join(
         diffs
     )
+
+
+def _manifest(layout: str, num_ids: int, seed: int, images_per_camera: int | None) -> dict:
+    """What :func:`generate` records in ``synthetic.json`` (and what a config is compared with)."""
+    per_camera = images_per_camera or DEFAULT_IMAGES_PER_CAMERA.get(layout)
+    return {"layout": layout, "num_ids": num_ids, "seed": seed, "images_per_camera": per_camera}
 
 
 @dataclass
@@ -328,7 +329,7 @@ def generate(
     summary = SynthSummary(layout=layout, root=str(root), seed=seed, num_ids=num_ids)
     start = time.perf_counter()
     WRITERS[layout](partial, summary, per_camera, progress or (lambda n: None))
-    manifest = {"layout": layout, "num_ids": num_ids, "seed": seed, "images_per_camera": per_camera}
+    manifest = _manifest(layout, num_ids, seed, per_camera)
     (partial / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
     summary.seconds = time.perf_counter() - start
     if root.exists():
