@@ -72,6 +72,7 @@ def test_switches_change_structure():
     base = _tiny_model()
     count = lambda m: sum(p.numel() for p in m.parameters())  # noqa: E731
     # a second SDCE layer adds exactly one more cross-attn + self-attn + FFN + 3 LayerNorms
+    # + 3 LayerScale vectors
     two = _tiny_model(sdce_layers=2)
     one_layer = (
         sum(
@@ -79,6 +80,7 @@ def test_switches_change_structure():
             for mod in (base.sdce.cross, base.sdce.self_attn, base.sdce.ffn)
         )
         + 3 * 2 * 512
+        + 3 * 512
     )
     assert count(two) - count(base) == one_layer
     # the FFN width follows sdce_ffn_ratio: hidden = ratio * 512
@@ -101,6 +103,29 @@ def test_switches_change_structure():
     post_tokens = _tiny_model(sdce_norm="post").sdce(deep, shallow)
     torch.testing.assert_close(post_tokens.mean(-1), torch.zeros(2, 8), atol=1e-5, rtol=0)
     assert base.sdce(deep, shallow).mean().item() > 0.5
+
+
+def test_layer_scale_multiplies_each_residual_branch():
+    deep = torch.rand(2, 8, 512) + 1.0
+    shallow = torch.rand(2, 8, 32)
+    sdce = _tiny_model(sdce_layer_scale=0.1).sdce
+    assert len(sdce.scales) == 3 and all(bool((g == 0.1).all()) for g in sdce.scales)
+    with torch.no_grad():
+        for g in sdce.scales:  # distinct per-channel values, so a swapped scale shows
+            g.uniform_(0.05, 0.5)
+        n1, n2, n3 = sdce.norms
+        g1, g2, g3 = sdce.scales
+        x = deep + g1 * sdce.cross[0](n1(deep), shallow, shallow, need_weights=False)[0]
+        q = n2(x)
+        x = x + g2 * sdce.self_attn[0](q, q, q, need_weights=False)[0]
+        expected = x + g3 * sdce.ffn[0](n3(x))
+        torch.testing.assert_close(sdce(deep, shallow), expected)
+    # the preset's 1e-5 starts SDCE as the identity on the backbone map; None leaves it unscaled
+    start = _tiny_model().sdce(deep, shallow)
+    torch.testing.assert_close(start, deep, atol=1e-3, rtol=0)
+    unscaled = _tiny_model(sdce_layer_scale=None).sdce
+    assert unscaled.scales is None
+    assert (unscaled(deep, shallow) - deep).abs().max() > 0.1
 
 
 @pytest.mark.parametrize(
