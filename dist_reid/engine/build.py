@@ -42,7 +42,7 @@ from dist_reid.engine.trainer import Trainer
 
 def build_optimizer(model: nn.Module, cfg: ExperimentConfig) -> torch.optim.Optimizer:
     """One optimiser group per model lr group (``model.lr_groups()``: name -> (params,
-    multiplier)), multipliers overridable by ``optim.lr_mults``; frozen parameters skipped."""
+    multiplier)), multipliers overridable by ``optim.lr_mults``; frozen parameters and empty groups skipped."""
     o = cfg.optim
     named = model.lr_groups()  # part of the method contract (check_method)
     unknown = set(o.lr_mults) - set(named)
@@ -53,10 +53,12 @@ def build_optimizer(model: nn.Module, cfg: ExperimentConfig) -> torch.optim.Opti
     groups = [
         {
             "name": name,
-            "params": [p for p in params if p.requires_grad],
+            "params": trainable,
             "lr": cfg.train.lr * o.lr_mults.get(name, mult),
         }
         for name, (params, mult) in named.items()
+        # a group a model option switched off (PDM's ``plm``) has nothing to train
+        if (trainable := [p for p in params if p.requires_grad])
     ]
     return make_optimizer(
         o.name,

@@ -104,7 +104,9 @@ def read_model_file(path: str | os.PathLike[str]) -> dict[str, Any]:
     if not path.is_file():
         raise CheckpointError(f"checkpoint {path} does not exist")
     if path.stat().st_size == 0:
-        raise CheckpointError(f"checkpoint {path} is empty (0 bytes: an interrupted copy or a full disk?)")
+        raise CheckpointError(
+            f"checkpoint {path} is empty (0 bytes: an interrupted copy or a full disk?)"
+        )
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:
@@ -119,7 +121,9 @@ def read_model_file(path: str | os.PathLike[str]) -> dict[str, Any]:
             f"checkpoint {path} is unreadable (truncated or corrupt): {first}"
         ) from None
     if not isinstance(state, dict):
-        raise CheckpointError(f"checkpoint {path} holds no dict of tensors ({type(state).__name__})")
+        raise CheckpointError(
+            f"checkpoint {path} holds no dict of tensors ({type(state).__name__})"
+        )
     return state
 
 

@@ -286,7 +286,8 @@ class PDMLoss(nn.Module):
 
     @property
     def required_outputs(self) -> tuple[str, ...]:
-        keys = ("global", "feature", "logits_global", "logits_feature")
+        # Head B (``logits_feature``) is read when the model has it (``model.options.plm``).
+        keys = ("global", "feature", "logits_global")
         return keys + (("prototype_logits",) if self.w["ch"] else ())
 
     def forward(
@@ -305,9 +306,11 @@ class PDMLoss(nn.Module):
             self._layout_checked = True
         terms: dict[str, torch.Tensor] = {}
         if self.w["id"]:
-            terms["id"] = self.w["id"] * (
-                identity_loss(outputs["logits_global"], all_labels, self.label_smoothing)
-                + identity_loss(outputs["logits_feature"], all_labels, self.label_smoothing)
+            heads = [outputs["logits_global"]]
+            if "logits_feature" in outputs:
+                heads.append(outputs["logits_feature"])
+            terms["id"] = self.w["id"] * sum(
+                identity_loss(logits, all_labels, self.label_smoothing) for logits in heads
             )
         if self.w["tri"]:
             tri = triplet_mining_loss(glob, all_labels, self.margin, "hard", backend=k)

@@ -260,6 +260,8 @@ class PDM(nn.Module):
     * ``mfa_pnl``: ``released`` (the code's PNL, positions folded into channels) or ``intended``
       (a true pixel non-local);
     * ``num_prototypes`` (m, paper: 10); ``dropout`` after MFGM (code: 0.01);
+    * ``plm``: ``False`` drops PLM and head B (the paper's Table II baseline rows): ``F = F_g``,
+      no ``logits_feature`` / ``prototype_logits`` (so ``L_ch`` must be off);
     * ``test_mode``: ``simple`` = BN(F_g) of the original set; ``official`` = the per-set
       L2-normalised BN(F_g) and BN(F) of all S sets, concatenated. The evaluator's cosine on
       this concatenation ranks exactly as the code's sum of 2S cosine matrices (every chunk has
@@ -289,6 +291,7 @@ class PDM(nn.Module):
         mfa: bool = True,
         last_stride: int = 1,
         test_mode: str = "simple",
+        plm: bool = True,
     ) -> None:
         super().__init__()
         if test_mode not in TEST_MODES:
@@ -342,9 +345,13 @@ class PDM(nn.Module):
         downsamples = 4 if (self.num_stages == 3 or last_stride == 1) else 5
         self.input_size = (int(input_size[0]), int(input_size[1]))
         self.map_size = feature_map_size(self.input_size, downsamples)
-        self.plm = PLM(out_channels, num_prototypes, self.map_size[0] * self.map_size[1])
         self.neck_global = BNNeck(out_channels, num_classes)
-        self.neck_feature = BNNeck((num_prototypes + 1) * out_channels, num_classes)
+        if plm:
+            positions = self.map_size[0] * self.map_size[1]
+            self.plm = PLM(out_channels, num_prototypes, positions)
+            self.neck_feature = BNNeck((num_prototypes + 1) * out_channels, num_classes)
+        else:
+            self.plm = self.neck_feature = None
         self.phase_aug, self.phase_weight = phase_aug, phase_weight
         self.test_mode = test_mode
         self.num_sets = 1 + mfgm_branches
@@ -352,8 +359,19 @@ class PDM(nn.Module):
 
     def lr_groups(self) -> dict[str, tuple[list[nn.Parameter], float]]:
         """The code trains head A (global BNNeck + classifier) at lr and every other parameter,
-        head B included, at 0.1 lr (``optim.lr_mults`` overrides by group name)."""
-        return backbone_head_groups(self, head=self.neck_global.parameters())
+        PLM and head B included, at 0.1 lr. PLM and head B form their own group ``plm`` (0.1,
+        as released) so ``optim.lr_mults`` can set them apart from the backbone; it is empty
+        with ``plm=False``, so one ``lr_mults`` serves both settings."""
+        groups = backbone_head_groups(self, head=self.neck_global.parameters())
+        backbone, mult = groups["backbone"]
+        plm = [] if self.plm is None else [*self.plm.parameters(), *self.neck_feature.parameters()]
+        ids = {id(p) for p in plm}
+        # head last: the trainer logs the last group's lr as the epoch lr
+        return {
+            "backbone": ([p for p in backbone if id(p) not in ids], mult),
+            "plm": (plm, mult),
+            "head": groups["head"],
+        }
 
     def _maps(self, images: torch.Tensor, modalities: torch.Tensor, generate: bool) -> torch.Tensor:
         if tuple(images.shape[-2:]) != self.input_size:
@@ -379,25 +397,30 @@ class PDM(nn.Module):
             raise ValueError(f"PDM feature map {tuple(x.shape[-2:])} != expected {self.map_size}")
         return x
 
-    def _features(self, maps: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        local, logits = self.plm(maps)
+    def _features(
+        self, maps: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
         glob = maps.mean(dim=(2, 3))
+        if self.plm is None:
+            return glob, glob, None
+        local, logits = self.plm(maps)
         return glob, torch.cat([local.flatten(1), glob], dim=1), logits
 
     batch_fields: tuple[str, ...] = ()
-    output_keys = ("global", "feature", "logits_global", "logits_feature", "prototype_logits")
+
+    @property
+    def output_keys(self) -> tuple[str, ...]:
+        keys = ("global", "feature", "logits_global")
+        return keys + (("logits_feature", "prototype_logits") if self.plm is not None else ())
 
     def forward(self, images: torch.Tensor, modalities: torch.Tensor) -> dict[str, torch.Tensor]:
         glob, feature, logits = self._features(self._maps(images, modalities, generate=True))
         _, logits_global = self.neck_global(glob)
-        _, logits_feature = self.neck_feature(feature)
-        return {
-            "global": glob,
-            "feature": feature,
-            "logits_global": logits_global,
-            "logits_feature": logits_feature,
-            "prototype_logits": logits,
-        }
+        outputs = {"global": glob, "feature": feature, "logits_global": logits_global}
+        if self.neck_feature is not None:
+            outputs["logits_feature"] = self.neck_feature(feature)[1]
+            outputs["prototype_logits"] = logits
+        return outputs
 
     @torch.no_grad()
     def embed(self, images: torch.Tensor, modality: str) -> torch.Tensor:
@@ -412,7 +435,8 @@ class PDM(nn.Module):
         for s in range(glob.shape[0] // n):
             rows = slice(s * n, (s + 1) * n)
             chunks.append(F.normalize(self.neck_global.bn(glob[rows]), dim=1))
-            chunks.append(F.normalize(self.neck_feature.bn(feature[rows]), dim=1))
+            if self.neck_feature is not None:
+                chunks.append(F.normalize(self.neck_feature.bn(feature[rows]), dim=1))
         return torch.cat(chunks, dim=1)
 
 

@@ -20,9 +20,10 @@ from conftest import (
 )
 from reid_kernels import BatchLayout, dispatch, triplet_mining_loss_reference
 
-from dist_reid.builders import build_loss, build_model
+from dist_reid.builders import build_loss, build_model, check_method
 from dist_reid.config import load_config
 from dist_reid.config.schema import ConfigError
+from dist_reid.engine.build import build_optimizer
 from dist_reid.losses import LOSSES
 from dist_reid.losses.pdm import (
     CPM_FORMS,
@@ -671,10 +672,11 @@ def test_lr_groups_cover_all_parameters_once():
     groups = model.lr_groups()
     ids = [id(p) for params, _ in groups.values() for p in params]
     assert len(ids) == len(set(ids)) == len(list(model.parameters()))
-    assert groups["head"][1] == 1.0 and groups["backbone"][1] == 0.1
-    assert {id(p) for p in model.neck_feature.parameters()} <= {
-        id(p) for p in groups["backbone"][0]
-    }
+    assert groups["head"][1] == 1.0 and groups["backbone"][1] == groups["plm"][1] == 0.1
+    plm = [*model.plm.parameters(), *model.neck_feature.parameters()]
+    assert {id(p) for p in plm} == {id(p) for p in groups["plm"][0]}
+    assert list(groups) == ["backbone", "plm", "head"]  # head last: its lr is the one logged
+    assert tiny(plm=False).lr_groups()["plm"] == ([], 0.1)
 
 
 @pytest.mark.parametrize("dataset", ["sysu", "regdb", "llcm"])
@@ -767,3 +769,48 @@ def test_num_prototypes_switch_through_the_config():
     model = build_model(cfg, num_classes=4)
     assert model.plm.prototypes.shape == (6, 512)
     assert model.neck_feature.classifier.in_features == 7 * 512
+
+
+def test_plm_switch_off_is_the_baseline_without_head_b():
+    """``plm: false`` (the paper's Table II baseline rows): F = F_g, one head, every parameter
+    trained, the id term is head A's CE alone, and L_ch on such a model is refused by name."""
+    model = tiny(plm=False)
+    assert model.plm is None and model.neck_feature is None
+    out = model(torch.randn(8, 3, *SIZE), MODS)
+    assert set(out) == set(model.output_keys) == {"global", "feature", "logits_global"}
+    torch.testing.assert_close(out["feature"], out["global"])
+    terms = PDMLoss(ch_weight=0.0, kernels="torch")(out, LABELS, MODS)
+    y3 = LABELS.repeat(3)
+    torch.testing.assert_close(terms["id"], F.cross_entropy(out["logits_global"], y3))
+    sum(terms.values()).backward()
+    assert [n for n, p in model.named_parameters() if p.requires_grad and p.grad is None] == []
+    model.eval().test_mode = "official"
+    emb = model.embed(torch.randn(2, 3, *SIZE), "visible")
+    assert emb.shape == (2, 3 * 512)  # one unit-norm BN(F_g) chunk per feature set
+    for chunk in emb.split(512, dim=1):
+        torch.testing.assert_close(chunk.norm(dim=1), torch.ones(2))
+    cfg = load_config(
+        REPO / "configs/sysu/pdm.yaml",
+        [
+            "data.root=x",
+            "model.backbone=resnet18",
+            "model.pretrained=null",
+            "model.options.plm=false",
+        ],
+    )
+    with pytest.raises(ConfigError, match=r"prototype_logits"):
+        check_method(build_model(cfg, num_classes=3), build_loss(cfg), cfg)
+    # The preset's lr_mults name the ``plm`` group; with PLM off it is empty and left out.
+    cfg = load_config(
+        REPO / "configs/sysu/pdm.yaml",
+        [
+            "data.root=x",
+            "model.backbone=resnet18",
+            "model.pretrained=null",
+            "model.options.plm=false",
+            "loss.options.ch_weight=0",
+        ],
+    )
+    assert cfg.optim.lr_mults["plm"] == 0.1
+    optimizer = build_optimizer(build_model(cfg, num_classes=3), cfg)
+    assert [g["name"] for g in optimizer.param_groups] == ["backbone", "head"]
