@@ -789,28 +789,17 @@ def test_plm_switch_off_is_the_baseline_without_head_b():
     assert emb.shape == (2, 3 * 512)  # one unit-norm BN(F_g) chunk per feature set
     for chunk in emb.split(512, dim=1):
         torch.testing.assert_close(chunk.norm(dim=1), torch.ones(2))
-    cfg = load_config(
-        REPO / "configs/sysu/pdm.yaml",
-        [
-            "data.root=x",
-            "model.backbone=resnet18",
-            "model.pretrained=null",
-            "model.options.plm=false",
-        ],
-    )
+    base = [
+        "data.root=x",
+        "model.backbone=resnet18",
+        "model.pretrained=null",
+        "model.options.plm=false",
+    ]
+    cfg = load_config(REPO / "configs/sysu/pdm.yaml", base)
     with pytest.raises(ConfigError, match=r"prototype_logits"):
         check_method(build_model(cfg, num_classes=3), build_loss(cfg), cfg)
     # The preset's lr_mults name the ``plm`` group; with PLM off it is empty and left out.
-    cfg = load_config(
-        REPO / "configs/sysu/pdm.yaml",
-        [
-            "data.root=x",
-            "model.backbone=resnet18",
-            "model.pretrained=null",
-            "model.options.plm=false",
-            "loss.options.ch_weight=0",
-        ],
-    )
+    cfg = load_config(REPO / "configs/sysu/pdm.yaml", [*base, "loss.options.ch_weight=0"])
     assert cfg.optim.lr_mults["plm"] == 0.1
     optimizer = build_optimizer(build_model(cfg, num_classes=3), cfg)
     assert [g["name"] for g in optimizer.param_groups] == ["backbone", "head"]
