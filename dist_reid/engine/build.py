@@ -42,7 +42,8 @@ from dist_reid.engine.trainer import Trainer
 
 def build_optimizer(model: nn.Module, cfg: ExperimentConfig) -> torch.optim.Optimizer:
     """One optimiser group per model lr group (``model.lr_groups()``: name -> (params,
-    multiplier)), multipliers overridable by ``optim.lr_mults``; frozen parameters and empty groups skipped."""
+    multiplier)), multipliers overridable by ``optim.lr_mults``; frozen parameters and groups
+    with nothing to train skipped."""
     o = cfg.optim
     named = model.lr_groups()  # part of the method contract (check_method)
     unknown = set(o.lr_mults) - set(named)

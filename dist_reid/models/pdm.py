@@ -417,7 +417,7 @@ class PDM(nn.Module):
         glob, feature, logits = self._features(self._maps(images, modalities, generate=True))
         _, logits_global = self.neck_global(glob)
         outputs = {"global": glob, "feature": feature, "logits_global": logits_global}
-        if self.neck_feature is not None:
+        if self.plm is not None:
             outputs["logits_feature"] = self.neck_feature(feature)[1]
             outputs["prototype_logits"] = logits
         return outputs
@@ -435,7 +435,7 @@ class PDM(nn.Module):
         for s in range(glob.shape[0] // n):
             rows = slice(s * n, (s + 1) * n)
             chunks.append(F.normalize(self.neck_global.bn(glob[rows]), dim=1))
-            if self.neck_feature is not None:
+            if self.plm is not None:
                 chunks.append(F.normalize(self.neck_feature.bn(feature[rows]), dim=1))
         return torch.cat(chunks, dim=1)
 
