@@ -114,6 +114,13 @@ def train_and_score(
     }
 
 
+def backbone_label(cfg: Any) -> str:
+    """The backbone as built: a ViT cut down by ``depth`` / ``embed_dim`` options says so."""
+    options = cfg.model.options or {}
+    size = [f"{key} {options[key]}" for key in ("depth", "embed_dim") if key in options]
+    return f"{cfg.model.backbone} ({', '.join(size)})" if size else str(cfg.model.backbone)
+
+
 def rows_of(method: str, dataset: str, result: dict[str, Any]) -> list[dict[str, Any]]:
     """One table row per evaluated setting of one run."""
     cfg = result["cfg"]
@@ -126,7 +133,7 @@ def rows_of(method: str, dataset: str, result: dict[str, Any]) -> list[dict[str,
             row[f"{name}_chance"] = chance.get(name)
         row["R1_x_chance"] = mean["R1"] / chance["R1"] if chance.get("R1") else None
         row["trials"] = len(entry["trials"])
-        row["backbone"] = cfg.model.backbone
+        row["backbone"] = backbone_label(cfg)
         row["input"] = f"{cfg.data.height}x{cfg.data.width}"
         row["epochs"] = cfg.train.epochs
         row["steps"] = result["steps"]

@@ -13,7 +13,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from dist_reid.bench.accuracy import METHODS, main, preset_path, run_accuracy_benchmark
+from dist_reid.bench.accuracy import (
+    METHODS,
+    backbone_label,
+    main,
+    preset_path,
+    run_accuracy_benchmark,
+)
 from dist_reid.config import load_config
 from dist_reid.data.datasets import open_dataset
 from dist_reid.evaluation.protocols import run_protocol
@@ -47,6 +53,14 @@ def test_every_method_and_dataset_has_a_cpu_preset_at_one_budget():
                 )
             )
         assert len(budgets) == 1, budgets
+
+
+def test_the_backbone_column_names_the_model_as_built():
+    """MIP's CPU preset keeps ViT-B/16's name but cuts it to 6 blocks of width 192; the table
+    must not report a ViT-B."""
+    mip = load_config(preset_path("mip", "sysu"))
+    assert backbone_label(mip) == f"{mip.model.backbone} (depth 6, embed_dim 192)"
+    assert backbone_label(load_config(preset_path("agw", "sysu"))) == "resnet18"
 
 
 def test_unknown_method_or_dataset_is_refused_before_any_run(tmp_path):
