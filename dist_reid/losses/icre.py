@@ -96,10 +96,14 @@ class ICRELoss(nn.Module):
     and, when enabled, ``triplet``.
 
     First-class hyperparameters (swept by dotted key): ``loss.options.lambda_icg`` (lambda,
-    default 1.0) and ``loss.options.rho1`` (the sample-to-center threshold, default 0.1 on
+    default 0.1) and ``loss.options.rho1`` (the sample-to-center threshold, default 0.1 on
     L2-normalised features). Guessed choices (switches):
 
-    * ``icg_feature`` (``"features"`` | ``"bn_features"``): which model output ICG acts on.
+    * ``icg_feature`` (``"bn_features"`` | ``"features"``): which model output ICG acts on. On
+      the normalised pre-BN feature a large shared offset meets every ICG term (the classifier
+      reads the BN feature, which removes it), so ICG there learns no metric; the BN feature's
+      shift is frozen at zero, so no offset can. At lambda 1 on the BN feature ICG overpowers
+      the id loss from random init (README, *Every method learns*).
     * ``icg_normalize`` (True): L2-normalise it first, so rho1 is scale-free (distances in
       [0, 2]; methods.md risk 4).
     * ``sample_weight`` / ``cross_weight`` / ``sep_weight`` (1, 1, 1) and ``sep_margin`` (0.3;
@@ -116,9 +120,9 @@ class ICRELoss(nn.Module):
 
     def __init__(
         self,
-        lambda_icg: float = 1.0,
+        lambda_icg: float = 0.1,
         rho1: float = 0.1,
-        icg_feature: str = "features",
+        icg_feature: str = "bn_features",
         icg_normalize: bool = True,
         sample_weight: float = 1.0,
         cross_weight: float = 1.0,
