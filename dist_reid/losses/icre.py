@@ -100,9 +100,10 @@ class ICRELoss(nn.Module):
     L2-normalised features). Guessed choices (switches):
 
     * ``icg_feature`` (``"bn_features"`` | ``"features"``): which model output ICG acts on. On
-      the normalised pre-BN feature a large shared offset meets every ICG term (the classifier
-      reads the BN feature, which removes it), so ICG there learns no metric; the BN feature's
-      shift is frozen at zero, so no offset can. At lambda 1 on the BN feature ICG overpowers
+      the normalised pre-BN feature a large shared offset meets the sample and cross terms and
+      leaves the separation term at its margin with a vanishing gradient (the classifier reads
+      the BN feature, which removes the offset); the BN feature's shift is frozen at zero, so
+      no offset can. At lambda 1 on the BN feature ICG overpowers
       the id loss from random init (README, *Every method learns*).
     * ``icg_normalize`` (True): L2-normalise it first, so rho1 is scale-free (distances in
       [0, 2]; methods.md risk 4).
