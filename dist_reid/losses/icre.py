@@ -103,8 +103,8 @@ class ICRELoss(nn.Module):
       the normalised pre-BN feature a large shared offset meets the sample and cross terms and
       leaves the separation term at its margin with a vanishing gradient (the classifier reads
       the BN feature, which removes the offset); the BN feature's shift is frozen at zero, so
-      no offset can. At lambda 1 on the BN feature ICG overpowers
-      the id loss from random init (README, *Every method learns*).
+      no offset can. At lambda 1 on the BN feature ICG overpowers the id loss from random init
+      (README, *Every method learns*).
     * ``icg_normalize`` (True): L2-normalise it first, so rho1 is scale-free (distances in
       [0, 2]; methods.md risk 4).
     * ``sample_weight`` / ``cross_weight`` / ``sep_weight`` (1, 1, 1) and ``sep_margin`` (0.3;

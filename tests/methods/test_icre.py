@@ -259,8 +259,11 @@ def test_a_shared_offset_meets_icg_on_normalised_features():
         return torch.nn.functional.batch_norm(x, None, None, training=True)
 
     default = ICRELoss(kernels="torch")
-    outputs = {"features": feats + offset, "bn_features": bn(feats + offset)}
-    outputs["logits"] = torch.zeros(8, 3, dtype=torch.float64)
+    outputs = {
+        "features": feats + offset,
+        "bn_features": bn(feats + offset),
+        "logits": torch.zeros(8, 3, dtype=torch.float64),
+    }
     with_offset = default(outputs, LABELS, MODS)
     without = default({**outputs, "bn_features": bn(feats)}, LABELS, MODS)
     assert with_offset["icg_sample"] > 0
