@@ -1,8 +1,8 @@
 """``dist-reid bench accuracy`` plumbing on a tiny budget: the real 2-process launch, one row per
 evaluated setting, the chance column equal to the evaluator's chance on the same galleries.
 
-How well each method learns is the benchmark's record (README "Every method learns"), not a CI
-claim: a run long enough to assert it does not fit the CI budget on 2 cores.
+How well each method learns is the benchmark's record (README "Every method learns"); CI runs
+the minimal version of it: AGW's CPU preset at 64x32 for 4 epochs, rank-1 above 2x chance.
 """
 
 from __future__ import annotations
@@ -129,3 +129,25 @@ def test_tiny_run_writes_rows_and_the_evaluators_chance(synthetic_trees, tmp_pat
     markdown = (tmp_path / "accuracy.md").read_text()
     assert "| agw | sysu | all |" in markdown and "R1_chance" in markdown
     assert "R1_chance" in printed and "wrote" in printed
+
+
+@pytest.mark.slow
+def test_agw_cpu_preset_learns_to_over_twice_chance_in_a_short_run(tmp_path):
+    """The benchmark's minimal version, through the same 2-process launch: AGW's CPU preset on
+    its own 200-identity synthetic tree (generated here), cut to 64x32 and 4 epochs (228 steps).
+    Measured on the 2-core VM: rank-1 8.10 against chance 2.30 (3.5x), mAP 15.11, about 4 min
+    alone; at 2 epochs 2.1x, too close to the bound to assert. Untrained weights sit at 1x."""
+    overrides = [
+        f"data.root={tmp_path / 'SYSU-MM01'}",
+        "data.height=64",
+        "data.width=32",
+        "data.augment.pad=2",
+        "train.epochs=4",
+        "optim.milestones=[3]",
+    ]
+    out = tmp_path / "bench"
+    assert main(["--methods", "agw", "--datasets", "sysu", "--out", str(out), *overrides]) == 0
+    rows = json.loads((out / "accuracy.json").read_text())["rows"]
+    all_search = next(row for row in rows if row["setting"] == "all")
+    assert all_search["steps"] == 228 and all_search["input"] == "64x32"
+    assert all_search["R1"] > 2 * all_search["R1_chance"], all_search
