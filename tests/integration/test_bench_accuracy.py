@@ -28,8 +28,8 @@ REPO = Path(__file__).resolve().parents[2]
 
 
 def test_every_method_and_dataset_has_a_cpu_preset_at_one_budget():
-    """Equal budget: the same data, epochs, batch and optimiser for every method of a dataset;
-    CPU size: 128x64, random init; the method's own loss stays its paper preset's."""
+    """Equal budget: the same data, augmentation, epochs, batch and optimiser for every method of
+    a dataset; CPU size: 128x64, random init; the method's own loss stays its paper preset's."""
     for dataset in ("sysu", "regdb"):
         budgets = set()
         for method in METHODS:
@@ -39,6 +39,8 @@ def test_every_method_and_dataset_has_a_cpu_preset_at_one_budget():
             assert cfg.model.pretrained is None and cfg.data.synthetic.enabled
             assert cfg.model.name == paper.model.name == method
             assert cfg.loss == paper.loss  # losses and their options untouched
+            aug = cfg.data.augment
+            assert aug.random_erasing == 0
             budgets.add(
                 (
                     cfg.data.root,
@@ -50,6 +52,8 @@ def test_every_method_and_dataset_has_a_cpu_preset_at_one_budget():
                     cfg.optim.name,
                     cfg.optim.warmup_epochs,
                     cfg.optim.milestones,
+                    # erasing's area, fill and mode are moot at probability 0
+                    (aug.pad, aug.flip, aug.random_erasing, aug.grayscale, aug.channel_aug),
                 )
             )
         assert len(budgets) == 1, budgets
