@@ -26,8 +26,11 @@ def test_every_shipped_config_loads():
     )
     assert shipped
     for path in shipped:
-        # base/ files and the accuracy benchmark's size_<method> fragments name no data root
-        fragment = "base" in path.parts or path.name.startswith("size_")
+        # base/ files and the accuracy benchmark's fragments (its recipe, size_<method>) name no
+        # data root
+        fragment = (
+            "base" in path.parts or path.name == "recipe.yaml" or path.name.startswith("size_")
+        )
         overrides = ["data.root=/data/x"] if fragment else []
         cfg = load_config(path, overrides)
         assert cfg.data.root
